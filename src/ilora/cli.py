@@ -1,0 +1,57 @@
+"""The `ilora` command line: a thin shell over library functions.
+
+Each subpackage owns its commands in its own ``cli.py`` through ``register(subparsers)``;
+this module only gathers them, so adding a command never touches another area's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ilora.errors import IloraError
+
+# Modules whose ``register(subparsers)`` adds commands, in the order `--help` lists them.
+COMMAND_MODULES = (
+    "ilora.experiment.cli",  # experiment
+    "ilora.models.cli",  # base, eval
+    "ilora.atari.cli",  # collect, play, experts
+    "ilora.routing.cli",  # train, analyze
+    "ilora.merge.cli",  # merge
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ilora",
+        description="Routing-tuned LoRA adapters, iteratively merged (I-LoRA), and the Atari benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real missing dependency, not a missing command module
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except IloraError as err:
+        print(f"ilora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ilora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Typed dataclass configs, read from YAML presets in ``configs/`` and overridden on the CLI.
+
+Every config is a ``@dataclass`` whose fields carry ``metadata={"help": ...}``; the same
+help text documents the YAML keys and the ``--set key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ilora.errors import IloraError
+
+T = TypeVar("T")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field with its help text (shown by ``describe`` and ``ilora ... --help``)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the field's declared type, recursing into nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where) if len(args) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, where)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(inner, v, where) for v in value]
+        return items if origin is list else tuple(items)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is Path and isinstance(value, str):
+        return Path(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys are an error naming ``where``."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise IloraError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise IloraError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML/JSON-able data (Paths become strings)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["a.b=3", "c=x"]`` -> nested mapping, values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise IloraError(f"--set {pair!r}: expected KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``new`` wins; nested mappings are merged, not replaced."""
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read a YAML preset into dataclass ``cls``, applying ``--set`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise IloraError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise IloraError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise IloraError(f"{path}: expected a YAML mapping at the top level")
+    return from_dict(cls, deep_update(data, parse_overrides(overrides)), str(path))
+
+
+def describe(cls: type) -> str:
+    """One line per field: name, default and help (for docs and ``--help`` epilogs)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else "(factory)"
+        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)

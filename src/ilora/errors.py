@@ -1,0 +1,9 @@
+"""The one exception type for bad user input.
+
+Library code raises ``IloraError`` with a message naming the file (or option) and the
+problem; the CLI prints it as a single line and exits with status 2.
+"""
+
+
+class IloraError(ValueError):
+    """Bad input: a wrong file, option or combination, explained in one line."""

@@ -1,0 +1,1 @@
+"""ilora.routing"""
