@@ -85,8 +85,18 @@ def default_corpus() -> list[str]:
     return texts
 
 
+def action_names() -> list[str]:
+    """Every action name the ALE accepts (the full 18-action set)."""
+    import ale_py
+
+    return [a.name for a in ale_py.Action]
+
+
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     """A byte-level BPE tokenizer (Qwen2-style) trained here on ``corpus``.
+
+    Action names become single tokens (they are weighted up so their merges are learned
+    first): one forward pass then scores every action exactly as greedy decoding would.
 
     Returns:
         ``transformers.PreTrainedTokenizerFast`` with the chat special tokens and ``<image>``.
@@ -106,6 +116,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     # Words are repeated in several casings/spacings so whole words become single tokens.
     words = sorted({w for text in corpus for w in re.findall(r"\S+", text)})
     lines = [" ".join(words)] + [f" {w}" for w in words] + [w for w in words]
+    lines += [f" {a}" for a in action_names()] * 64
     tok.train_from_iterator(lines, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
