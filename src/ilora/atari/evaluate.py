@@ -1,0 +1,401 @@
+"""Scoring any policy on a game: many environments in lockstep, per-episode records, a summary.
+
+One path scores everything the experiment compares — a VLM agent, a scripted expert, a random
+policy — so their numbers are comparable by construction:
+
+- :func:`play_episodes` runs ``n_envs`` environments side by side. Each step, the policy answers
+  all running environments at once (:class:`~ilora.atari.agent.BatchPolicy`, e.g. the VLM agent
+  with one batched model call) or one by one (any plain :class:`~ilora.atari.experts.Policy`).
+  Episode ``k`` always starts from ``reset(seed=seed + k)`` whichever environment plays it, so
+  results do not depend on ``n_envs`` for a policy that answers each observation on its own.
+- :func:`summarize` turns the records into the reported numbers: mean score with a 95% Student-t
+  interval, the human-normalised score, the invalid-answer rate, the action histogram, and the
+  paper's rule (an episode that produced no valid answer, or hit the frame cap, scores 0) beside
+  the plain mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ilora.atari.envs import Observation, TwoFrameEnv
+from ilora.atari.experts import Decision, Policy, reset_policy, to_decision
+from ilora.atari.games import (
+    DEFAULT_FRAME_SKIP,
+    DEFAULT_MAX_EPISODE_FRAMES,
+    DEFAULT_REPEAT_ACTION_PROBABILITY,
+    Game,
+    get_game,
+)
+from ilora.errors import IloraError
+
+CONFIDENCE = 0.95
+
+
+@dataclass
+class EpisodeRecord:
+    """One finished episode.
+
+    Attributes:
+        episode: Episode index ``k`` (its seed is ``seed + k``).
+        seed: The seed its environment was reset with.
+        score: Total reward.
+        length: Agent steps (decisions) taken; automatic FIRE presses are not counted.
+        frames: Emulator frames played.
+        invalid_answers: Steps whose answer named no valid action (played as NOOP).
+        capped: Ended by the frame cap rather than by the game.
+        action_counts: Decisions per action name (automatic FIRE presses excluded).
+        auto_fires: FIRE presses made by the ``fire_on_reset`` option, not by the policy.
+    """
+
+    episode: int
+    seed: int
+    score: float = 0.0
+    length: int = 0
+    frames: int = 0
+    invalid_answers: int = 0
+    capped: bool = False
+    action_counts: dict[str, int] = field(default_factory=dict)
+    auto_fires: int = 0
+
+    @property
+    def invalid_rate(self) -> float:
+        return self.invalid_answers / self.length if self.length else 0.0
+
+    @property
+    def fire_rate(self) -> float:
+        """Share of decisions pressing FIRE (alone or with a direction): Breakout's launch rate."""
+        fires = sum(n for name, n in self.action_counts.items() if "FIRE" in name)
+        return fires / self.length if self.length else 0.0
+
+    @property
+    def counts_zero(self) -> bool:
+        """The paper's rule: no valid answer in the whole episode, or the 30-minute cap was hit."""
+        return self.capped or (self.length > 0 and self.invalid_answers == self.length)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What :func:`play_episodes` hands its ``on_step`` callback after each agent step."""
+
+    env_index: int
+    episode: int
+    step: int  # agent step within the episode, from 0
+    observation: Observation  # the observation the decision was made on
+    decision: Decision
+    valid: bool
+    reward: float
+    score: float  # the episode's score after this step
+
+
+@dataclass
+class PlayResult:
+    """The records of a run, what it was run with, where its time went, and any emulator error."""
+
+    game: str
+    records: list[EpisodeRecord]
+    settings: dict
+    errors: list[str] = field(default_factory=list)
+    policy_seconds: float = 0.0
+    env_seconds: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return sum(r.length for r in self.records)
+
+
+def _policy_settings(policy) -> dict:
+    settings = getattr(policy, "settings", None)
+    return dict(settings) if isinstance(settings, dict) else {"policy": type(policy).__name__}
+
+
+def play_episodes(
+    policy: Policy,
+    game: Game | str,
+    n_episodes: int,
+    seed: int = 0,
+    *,
+    n_envs: int = 8,
+    max_frames: int = DEFAULT_MAX_EPISODE_FRAMES,
+    fire_on_reset: bool = False,
+    blank_frames: bool = False,
+    frame_skip: int = DEFAULT_FRAME_SKIP,
+    repeat_action_probability: float = DEFAULT_REPEAT_ACTION_PROBABILITY,
+    on_step: Callable[[StepEvent], None] | None = None,
+    progress: bool = True,
+) -> PlayResult:
+    """Play ``n_episodes`` episodes of ``game`` with ``policy`` on ``n_envs`` environments in lockstep.
+
+    Args:
+        policy: A batch policy (``act_batch(observations)``, e.g. :class:`~ilora.atari.agent.VLMAgent`)
+            or any plain policy (called per observation; its ``reset()`` runs at every episode
+            start, so a stateful plain policy needs ``n_envs=1``). Decisions may carry
+            ``valid=False`` (an unparsed answer played as NOOP); it is counted.
+        game: The game or its name.
+        n_episodes: Episodes to finish; finished environments restart until all have started.
+        seed: Episode ``k`` is reset with ``seed + k``.
+        n_envs: Environments run side by side (at most ``n_episodes`` are created).
+        max_frames: Episode cap in emulator frames (default 108,000 = the paper's 30 minutes).
+        fire_on_reset: The FireReset convention: press FIRE automatically after a reset and after
+            every lost life (games with FIRE only). It changes scores a lot in Breakout-like
+            games (a cloned agent that never launches the ball scores 0), so it is recorded in
+            the settings and reported with every score.
+        blank_frames: Replace both frames by black frames before the policy sees them (the RAM is
+            untouched): the "does the model read the images" check.
+        frame_skip: Emulator frames per step, also the distance between the two frames.
+        repeat_action_probability: Sticky actions (v5 default 0.25).
+        on_step: Called after every agent step with a :class:`StepEvent` (videos, traces).
+        progress: Show a progress bar over finished episodes.
+
+    Returns:
+        A :class:`PlayResult`. If the emulator fails, the failing environment is dropped, the
+        error is recorded in ``errors`` and the episodes finished so far (and those the other
+        environments go on to finish) are kept.
+    """
+    from tqdm.auto import tqdm
+
+    game = get_game(game)
+    if n_episodes < 1:
+        raise IloraError(f"n_episodes must be >= 1, got {n_episodes}")
+    if n_envs < 1:
+        raise IloraError(f"n_envs must be >= 1, got {n_envs}")
+    if max_frames < frame_skip:
+        raise IloraError(f"max_frames ({max_frames}) must be at least one step of {frame_skip} frames")
+    envs = [
+        TwoFrameEnv(game, frame_skip, repeat_action_probability, max_frames)
+        for _ in range(min(n_envs, n_episodes))
+    ]
+    names = envs[0].action_names
+    auto_fire = fire_on_reset and "FIRE" in names
+    batched = callable(getattr(policy, "act_batch", None))
+    result = PlayResult(
+        game=game.name,
+        records=[],
+        settings={
+            **_policy_settings(policy),
+            "game": game.name,
+            "episodes": n_episodes,
+            "seed": seed,
+            "n_envs": len(envs),
+            "max_frames": max_frames,
+            "frame_skip": frame_skip,
+            "repeat_action_probability": repeat_action_probability,
+            "fire_on_reset": fire_on_reset,
+            "blank_frames": blank_frames,
+        },
+    )
+    next_episode = 0
+    # Per running environment: its record, current observation and lives count.
+    running: dict[int, tuple[EpisodeRecord, Observation]] = {}
+    bar = tqdm(total=n_episodes, desc=f"{game.name} episodes", unit="ep", disable=not progress)
+
+    def env_call(i: int, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        except Exception as err:  # the emulator's own errors are not ours to classify
+            record = running.pop(i, (None, None))[0]
+            where = f" in episode {record.episode}" if record is not None else ""
+            result.errors.append(f"environment {i}{where}: {type(err).__name__}: {err}")
+            return None
+        finally:
+            result.env_seconds += time.perf_counter() - start
+
+    def fire(i: int, record: EpisodeRecord):
+        transition = env_call(i, envs[i].step, "FIRE")
+        if transition is not None:
+            record.auto_fires += 1
+            record.score += transition.reward
+            record.frames += frame_skip
+        return transition
+
+    def start(i: int) -> None:
+        """Start the next episode on environment ``i`` (if any is left); a failed reset drops the env."""
+        nonlocal next_episode
+        if next_episode >= n_episodes:
+            return
+        record = EpisodeRecord(episode=next_episode, seed=seed + next_episode)
+        next_episode += 1
+        running[i] = (record, None)
+        if not batched:
+            reset_policy(policy)
+        obs = env_call(i, envs[i].reset, record.seed)
+        if obs is not None and auto_fire:
+            transition = fire(i, record)
+            obs = transition.observation if transition is not None else None
+        if obs is not None:
+            running[i] = (record, obs)
+
+    for i in range(len(envs)):
+        start(i)
+    try:
+        while running:
+            order = sorted(running)
+            seen = [_blank(running[i][1]) if blank_frames else running[i][1] for i in order]
+            t0 = time.perf_counter()
+            if batched:
+                decisions = policy.act_batch(seen)
+            else:
+                decisions = [to_decision(policy(obs), names) for obs in seen]
+            result.policy_seconds += time.perf_counter() - t0
+            for i, obs, decision in zip(order, seen, decisions):
+                record = running[i][0]
+                valid = bool(getattr(decision, "valid", True))
+                lives = running[i][1].info.get("lives", 0)
+                transition = env_call(i, envs[i].step, decision.action)
+                if transition is None:
+                    continue
+                step = record.length
+                record.length += 1
+                record.frames += frame_skip
+                record.score += transition.reward
+                record.invalid_answers += not valid
+                record.action_counts[decision.action] = record.action_counts.get(decision.action, 0) + 1
+                if on_step is not None:
+                    on_step(StepEvent(i, record.episode, step, obs, decision, valid, transition.reward, record.score))
+                if not transition.done and auto_fire and transition.observation.info.get("lives", 0) < lives:
+                    transition = fire(i, record)
+                    if transition is None:
+                        continue
+                if transition.done:
+                    record.capped = transition.truncated and not transition.terminated
+                    result.records.append(record)
+                    del running[i]
+                    bar.update(1)
+                    start(i)
+                else:
+                    running[i] = (record, transition.observation)
+    finally:
+        bar.close()
+        for env in envs:
+            env.close()
+    result.records.sort(key=lambda r: r.episode)
+    return result
+
+
+def _blank(observation: Observation) -> Observation:
+    black = np.zeros_like(observation.frames[1])
+    return dataclasses.replace(observation, frames=(black, black))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The reported numbers for one game and one policy.
+
+    ``ci_low``/``ci_high``: 95% Student-t interval of the mean score, ``mean ± t(0.975, n-1)·s/√n``
+    (NaN with fewer than two episodes, or zero width when every episode scored the same).
+    ``mean_zero_rule``: the mean when episodes that produced no valid answer or hit the frame
+    cap count 0 (the paper's rule); ``hns``/``hns_zero_rule``: their human-normalised values.
+    """
+
+    game: str
+    episodes: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    median: float
+    hns: float
+    mean_zero_rule: float
+    hns_zero_rule: float
+    zero_rule_episodes: int
+    capped_episodes: int
+    invalid_rate: float
+    never_parsed: bool
+    fire_rate: float
+    mean_length: float
+    action_share: dict[str, float]
+    random_score: float
+    human_score: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student-t confidence interval of the mean of ``values``.
+
+    Args:
+        values: Per-episode scores (treated as i.i.d.).
+        confidence: Two-sided coverage.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` for fewer than two values.
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.5 + confidence / 2, df=x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def summarize(records: Sequence[EpisodeRecord], game: Game | str) -> Summary:
+    """The reported numbers for a run's records (see :class:`Summary`).
+
+    Raises:
+        IloraError: No episode finished (nothing to summarise).
+    """
+    game = get_game(game)
+    if not records:
+        raise IloraError(f"{game.name}: no finished episode to summarise")
+    scores = np.array([r.score for r in records], dtype=float)
+    zeroed = np.array([0.0 if r.counts_zero else r.score for r in records])
+    steps = sum(r.length for r in records)
+    invalid = sum(r.invalid_answers for r in records)
+    counts: Counter = Counter()
+    for r in records:
+        counts.update(r.action_counts)
+    low, high = t_interval(scores)
+    return Summary(
+        game=game.name,
+        episodes=len(records),
+        mean=float(scores.mean()),
+        std=float(scores.std(ddof=1)) if len(scores) > 1 else math.nan,
+        ci_low=low,
+        ci_high=high,
+        median=float(np.median(scores)),
+        hns=game.human_normalized(float(scores.mean())),
+        mean_zero_rule=float(zeroed.mean()),
+        hns_zero_rule=game.human_normalized(float(zeroed.mean())),
+        zero_rule_episodes=sum(r.counts_zero for r in records),
+        capped_episodes=sum(r.capped for r in records),
+        invalid_rate=invalid / steps if steps else 0.0,
+        never_parsed=steps > 0 and invalid == steps,
+        fire_rate=sum(n for name, n in counts.items() if "FIRE" in name) / steps if steps else 0.0,
+        mean_length=steps / len(records),
+        action_share={name: counts[name] / steps for name in game.action_names if steps},
+        random_score=game.random_score,
+        human_score=game.human_score,
+    )
+
+
+def format_summary(summary: Summary, settings: dict | None = None) -> str:
+    """A plain-text table of the summary (and the run's settings that change scores)."""
+    s = summary
+    lines = [
+        f"game                 {s.game}",
+        f"episodes             {s.episodes}",
+        f"score                {s.mean:.2f}  (95% CI {s.ci_low:.2f} .. {s.ci_high:.2f}; median {s.median:.2f})",
+        f"human-normalised     {s.hns:.3f}  (random {s.random_score:g}, human {s.human_score:g})",
+        f"paper's zero rule    {s.mean_zero_rule:.2f}  (HNS {s.hns_zero_rule:.3f}; "
+        f"{s.zero_rule_episodes} episode(s) counted 0, {s.capped_episodes} capped)",
+        f"invalid answers      {100 * s.invalid_rate:.2f}% of steps",
+        f"FIRE rate            {100 * s.fire_rate:.2f}% of steps",
+        f"mean length          {s.mean_length:.1f} steps",
+        "actions              " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s.action_share.items()),
+    ]
+    if s.never_parsed:
+        lines.append("WARNING              no answer named a valid action: every step was played as NOOP")
+    if settings:
+        shown = ("policy", "mode", "reasoning", "object_text", "fire_on_reset", "blank_frames", "max_frames", "seed")
+        lines.append("settings             " + ", ".join(f"{k}={settings[k]}" for k in shown if k in settings))
+    return "\n".join(lines)
