@@ -1,13 +1,15 @@
 """Frames of Atari games under a random policy, with game-agnostic questions.
 
 Frames come from ``gymnasium`` + ``ale_py`` directly (210x160 RGB, the original screen).
-The split is by episode: an episode's ``(game, episode seed)`` key decides whether all of
-its frames are train or test, so a held-out frame never shares an episode with a training
-frame. Nothing is written to disk.
+The split is by episode *and* by pixels: a frame is in a split only if both its episode's
+``(game, episode seed)`` key and its own pixels hash to that split. So a held-out frame
+never shares an episode with a training frame, and never equals one either (episodes of a
+game do pass through identical screens, e.g. before a serve). Nothing is written to disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -37,6 +39,11 @@ class AtariFrame:
     episode_seed: int
     step: int
     pixels: np.ndarray  # (210, 160, 3) uint8
+    digest: str  # hash of the pixels
+
+
+def pixels_digest(pixels: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,8 @@ def make_env(game: str):
 def episode_frames(game: str, seed: int, split: Split, sampling: FrameSampling) -> Iterator[AtariFrame]:
     """An endless stream of frames of ``game`` from random-policy episodes whose key falls in ``split``.
 
-    Each episode's actions come from its own ``episode_seed``, the episode's split key.
+    Each episode's actions come from its own ``episode_seed``, the episode's split key;
+    a sampled frame is kept only if its pixels hash to ``split`` too.
     The emulator is seeded once per stream (a seeded reset reloads the ROM, ~0.1 s) and
     later episodes start with a plain reset (~5 ms).
     """
@@ -95,8 +103,10 @@ def episode_frames(game: str, seed: int, split: Split, sampling: FrameSampling) 
                     break
                 steps_to_next -= 1
                 if steps_to_next == 0:
-                    yield AtariFrame(game, episode_seed, step, obs)
-                    kept += 1
+                    digest = pixels_digest(obs)
+                    if split_of(content_key(("atari_frame", game, digest))) == split:
+                        yield AtariFrame(game, episode_seed, step, obs, digest)
+                        kept += 1
                     steps_to_next = int(actions.integers(sampling.min_stride, sampling.max_stride + 1))
     finally:
         env.close()

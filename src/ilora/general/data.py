@@ -130,7 +130,7 @@ def atari_examples(quotas: dict[str, int], seed: int, split: Split, cfg: General
                 if image is None:
                     image = Image.fromarray(frame.pixels, "RGB")
                 prompt, answer = qa
-                key = content_key((family, prompt, frame.game, frame.episode_seed, frame.step))
+                key = content_key((family, prompt, frame.game, frame.digest))
                 row = {"images": [image], "prompt": prompt, "answer": answer, "task": family, "source": "atari_frames"}
                 out.append(Example(key, row))
                 remaining[family] -= 1
