@@ -40,7 +40,10 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     denom = 1 + z**2 / n
     centre = (p + z**2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 one bound is exactly 0 or 1; say so rather than leave rounding residue.
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return low, high
 
 
 def accuracy_stats(hits: list[bool], answers: list[str]) -> dict[str, float | int]:
