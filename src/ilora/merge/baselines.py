@@ -1,0 +1,66 @@
+"""Task arithmetic, TIES, DARE and magnitude pruning on the true deltas ``s·B@A``.
+
+PEFT's non-SVD ``add_weighted_adapter`` types apply these rules to the ``A`` and ``B``
+factors separately (PEFT issue 3004); here they act on the products, using PEFT's own
+``merge_utils`` functions so the rules are exactly PEFT's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.utils import merge_utils
+
+from ilora.config import field
+from ilora.errors import IloraError
+from ilora.merge.io import ModuleDelta
+from ilora.merge.registry import MergeMethod, input_weights, module_generator, register
+
+RULES = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+@register("task_arithmetic", rule="task_arithmetic")
+@register("ties", rule="ties")
+@register("dare_linear", rule="dare_linear")
+@register("dare_ties", rule="dare_ties")
+@register("magnitude_prune", rule="magnitude_prune")
+@dataclass
+class DeltaRuleMerge(MergeMethod):
+    """One of PEFT's ``merge_utils`` rules applied to the dense per-module deltas."""
+
+    rule: str = field("task_arithmetic", help="which rule (fixed by the method name)")
+    weights: list[float] | None = field(None, help="one weight per input (default 1.0 each)")
+    density: float = field(0.5, help="fraction of entries kept by pruning (ties, dare_*, magnitude_prune)")
+    majority_sign_method: str = field("total", help="TIES sign election: 'total' or 'frequency'")
+    seed: int = field(0, help="seed of DARE's random drop masks (per module)")
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise IloraError(f"rule {self.rule!r}: expected one of {RULES}")
+        if not 0 <= self.density <= 1:
+            raise IloraError(f"--density {self.density}: must be in [0, 1]")
+        if self.majority_sign_method not in ("total", "frequency"):
+            raise IloraError(f"majority_sign_method {self.majority_sign_method!r}: expected 'total' or 'frequency'")
+
+    def merge_module(self, module: str, deltas: list[ModuleDelta | None]) -> tuple[torch.Tensor, dict]:
+        weights = input_weights(self.weights, len(deltas), self.name)
+        present = [(d.dense(), w) for d, w in zip(deltas, weights) if d is not None]
+        tensors = [t for t, _ in present]
+        w = torch.tensor([w for _, w in present])
+        sign = {"majority_sign_method": self.majority_sign_method}
+        if self.rule == "task_arithmetic":
+            merged = merge_utils.task_arithmetic(tensors, w)
+        elif self.rule == "magnitude_prune":
+            merged = merge_utils.magnitude_prune(tensors, w, self.density)
+        elif self.rule == "ties":
+            merged = merge_utils.ties(tensors, w, self.density, **sign)
+        else:
+            # DARE draws its masks from torch's global RNG: seed it per module, then restore it.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(module_generator(self.seed, module).initial_seed()))
+                if self.rule == "dare_linear":
+                    merged = merge_utils.dare_linear(tensors, w, self.density)
+                else:
+                    merged = merge_utils.dare_ties(tensors, w, self.density, **sign)
+        return merged, {"n_inputs": len(present)}

@@ -1,0 +1,82 @@
+"""``ilora merge``: merge PEFT LoRA adapters (or fold a new one into a merged state)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ilora.errors import IloraError
+
+EXAMPLE = """example:
+  ilora merge runs/pong/adapter runs/breakout/adapter --out merged/two --keep 0.8
+  ilora merge merged/two runs/seaquest/adapter --out merged/three       # iterative
+  ilora merge a b --method peft:ties --base models/tiny --out merged/ties --density 0.5
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="merge LoRA adapters into one weight delta (I-LoRA or a baseline)",
+        description="Merge PEFT LoRA adapters and/or a merged state into one dense ΔW per module.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", metavar="ADAPTER_OR_MERGED_DIR", help="inputs, in order (ties go to later ones)")
+    p.add_argument("--out", help="output folder for the merged state")
+    p.add_argument("--method", default="ilora", help="merge method (default: ilora); see --list-methods")
+    p.add_argument("--keep", type=float, help="ilora: fraction of each adapter's rank kept (default 0.8)")
+    p.add_argument("--density", type=float, help="ties/dare/magnitude_prune (and peft:*): fraction kept (default 0.5)")
+    p.add_argument("--weights", type=lambda s: [float(x) for x in s.split(",")], help="comma-separated weight per input")
+    p.add_argument("--seed", type=int, help="seed for randomised steps (SVD start block, DARE masks)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other method option")
+    p.add_argument("--base", help="base model folder (needed by peft:* and --save-model)")
+    p.add_argument("--export-lora", type=int, metavar="RANK", help="also write OUT/lora_rankRANK, a PEFT adapter")
+    p.add_argument("--save-model", action="store_true", help="also write OUT/model, the merged full model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--list-methods", action="store_true", help="print the merge methods and exit")
+    p.set_defaults(func=run_merge)
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line (only those set)."""
+    from ilora.config import parse_overrides
+
+    options = {k: getattr(args, k) for k in ("keep", "density", "weights", "seed") if getattr(args, k) is not None}
+    for key, value in parse_overrides(args.option).items():
+        if isinstance(value, dict):
+            raise IloraError(f"--option {key}: nested keys are not method options")
+        options[key] = value
+    return options
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from ilora.merge import available_methods, merge_adapters
+    from ilora.merge.export import EXPORT_REPORT
+
+    if args.list_methods:
+        print("\n".join(available_methods()))
+        return 0
+    if not args.inputs or not args.out:
+        raise IloraError("merge: give ADAPTER_OR_MERGED_DIR... and --out DIR")
+    state = merge_adapters(
+        args.inputs,
+        args.method,
+        base=args.base,
+        out=args.out,
+        overwrite=args.overwrite,
+        export_lora_rank=args.export_lora,
+        save_model=args.save_model,
+        **method_options(args),
+    )
+    print(f"merged {len(args.inputs)} input(s) with {args.method}: {len(state.deltas)} modules -> {state.path}")
+    if args.export_lora is not None:
+        folder = Path(args.out) / f"lora_rank{args.export_lora}"
+        report = json.loads((folder / EXPORT_REPORT).read_text())
+        for module, err in report["modules"].items():
+            print(f"  export rank {args.export_lora}: {module}: relative error {err:.4g}")
+        print(f"exported LoRA rank {args.export_lora} -> {folder}: overall relative error {report['relative_error']:.4g}")
+    if args.save_model:
+        print(f"merged model -> {Path(args.out) / 'model'}")
+    return 0

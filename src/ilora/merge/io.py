@@ -1,0 +1,358 @@
+"""Reading merge inputs (PEFT LoRA adapters, merged states) and writing merged states.
+
+Inputs are opened lazily: opening validates the config and the tensor names/shapes
+without loading weights, and ``load(module)`` reads one module's tensors when the engine
+streams to it. Every problem is an ``IloraError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ilora.errors import IloraError
+from ilora.merge import ops
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGE_RECORD = "merge_record.json"
+RECORD_FORMAT = "ilora-merged-state"
+PEFT_PREFIX = "base_model.model."
+
+# LoraConfig keys that make a module something other than plain ``s·B@A`` on ``W``
+# (or that train extra full weights). Any truthy value is refused.
+UNSUPPORTED_LORA_OPTIONS = (
+    "use_dora",
+    "lora_bias",
+    "use_qalora",
+    "use_bdlora",
+    "fan_in_fan_out",
+    "layer_replication",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "modules_to_save",
+    "trainable_token_indices",
+    "kasa_config",
+    "monteclora_config",
+    "velora_config",
+)
+# Initialisations that also rewrite the base weights, so the adapter is not a delta on W.
+BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclass
+class LowRankDelta:
+    """One module of a LoRA adapter: ``ΔW = scale · lora_B @ lora_A`` (float32 factors)."""
+
+    lora_B: torch.Tensor
+    lora_A: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return ops.lora_delta(self.lora_B, self.lora_A, self.scale)
+
+
+@dataclass
+class DenseDelta:
+    """One module of a merged state: the dense float32 ``ΔW``."""
+
+    delta: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.delta
+
+
+ModuleDelta = LowRankDelta | DenseDelta
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IloraError(f"{path}: not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise IloraError(f"{path}: expected a JSON object")
+    return data
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if not path.is_file():
+        raise IloraError(f"{path}: missing safetensors file")
+    try:
+        with safe_open(path, "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise IloraError(f"{path}: corrupt safetensors file ({err})") from err
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    try:
+        with safe_open(path, "pt") as fh:
+            tensor = fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise IloraError(f"{path}: cannot read tensor {key!r} ({err})") from err
+    if not tensor.is_floating_point():
+        raise IloraError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected floating point")
+    tensor = tensor.float()  # bf16/fp16 adapters: the maths is float32
+    if not bool(torch.isfinite(tensor).all()):
+        raise IloraError(f"{path}: tensor {key!r} contains NaN or Inf")
+    return tensor
+
+
+def same_base(a: str | None, b: str | None) -> bool:
+    """Whether two recorded base-model names denote the same model (unknown matches anything)."""
+    if not a or not b:
+        return True
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Only plain ``nn.Linear`` LoRA is accepted; DoRA and every other variant are refused
+    because their weight change is not ``s·B@A``.
+    """
+
+    kind = "lora"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config = _read_json(self.path / ADAPTER_CONFIG)
+        self.weights_file = self.path / ADAPTER_WEIGHTS
+        where = self.path / ADAPTER_CONFIG
+        if self.config.get("peft_type", "LORA") != "LORA":
+            raise IloraError(f"{where}: peft_type {self.config.get('peft_type')!r} is not LORA")
+        for key in UNSUPPORTED_LORA_OPTIONS:
+            if self.config.get(key):
+                raise IloraError(f"{where}: {key}={self.config[key]!r} is not a plain s·B@A LoRA; refusing to merge it")
+        init = self.config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
+            raise IloraError(f"{where}: init_lora_weights={init!r} rewrites the base weights; convert it to plain LoRA first")
+        self.base_model: str | None = self.config.get("base_model_name_or_path")
+        self._shapes = self._module_shapes(_safetensors_shapes(self.weights_file))
+
+    def _module_shapes(self, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int, int]]:
+        pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, shape in tensors.items():
+            for part in ("lora_A", "lora_B"):
+                suffix = f".{part}.weight"
+                if key.endswith(suffix):
+                    module = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
+                    pairs.setdefault(module, {})[part] = shape
+                    break
+            else:
+                raise IloraError(f"{self.weights_file}: tensor {key!r} is not a plain LoRA A/B weight; refusing to merge")
+        shapes = {}
+        for module, parts in sorted(pairs.items()):
+            a, b = parts.get("lora_A"), parts.get("lora_B")
+            if a is None or b is None:
+                raise IloraError(f"{self.weights_file}: module {module!r} lacks lora_{'A' if a is None else 'B'}")
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+                raise IloraError(f"{self.weights_file}: module {module!r} has A {a} and B {b}, not a linear LoRA pair")
+            shapes[module] = (b[0], a[1], a[0])
+        if not shapes:
+            raise IloraError(f"{self.weights_file}: no LoRA modules found")
+        return shapes
+
+    @property
+    def modules(self) -> dict[str, tuple[int, int]]:
+        """Module name -> ``(out, in)`` of its weight."""
+        return {m: (o, i) for m, (o, i, _) in self._shapes.items()}
+
+    def rank(self, module: str) -> int:
+        return self._shapes[module][2]
+
+    def scale(self, module: str) -> float:
+        from peft.utils.other import get_pattern_key
+
+        alpha_pattern = self.config.get("alpha_pattern") or {}
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), self.config.get("lora_alpha", 8))
+        r = self.rank(module)
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def load(self, module: str) -> LowRankDelta:
+        key = f"{PEFT_PREFIX}{module}"
+        return LowRankDelta(
+            lora_B=_read_tensor(self.weights_file, f"{key}.lora_B.weight"),
+            lora_A=_read_tensor(self.weights_file, f"{key}.lora_A.weight"),
+            scale=self.scale(module),
+        )
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "sha256": file_sha256(self.weights_file)}
+
+
+class SafetensorsDeltas(Mapping):
+    """Lazy ``{"<module>.weight": ΔW}`` over a merged state's shards: reads a tensor on access."""
+
+    def __init__(self, root: Path, weight_map: dict[str, str], shapes: dict[str, tuple[int, ...]]):
+        self.root, self.weight_map, self.shapes = root, weight_map, shapes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.weight_map:
+            raise KeyError(key)
+        return _read_tensor(self.root / self.weight_map[key], key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+
+@dataclass
+class MergedState:
+    """A merged weight delta: ``deltas["<module>.weight"]`` is the float32 ``ΔW`` to add to the base.
+
+    ``records`` holds, per module, what the method kept (ranks, thresholds); ``meta`` the
+    method, its options, the inputs and the base model. Loaded from disk, ``deltas`` is lazy.
+    """
+
+    deltas: Mapping[str, torch.Tensor]
+    records: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    kind = "merged"
+
+    @property
+    def base_model(self) -> str | None:
+        return self.meta.get("base_model")
+
+    @property
+    def modules(self) -> dict[str, tuple[int, int]]:
+        if isinstance(self.deltas, SafetensorsDeltas):
+            return {k.removesuffix(".weight"): self.deltas.shapes[k] for k in self.deltas}
+        return {k.removesuffix(".weight"): tuple(v.shape) for k, v in self.deltas.items()}
+
+    def load(self, module: str) -> DenseDelta:
+        return DenseDelta(self.deltas[f"{module}.weight"].float())
+
+    def describe(self) -> dict:
+        if self.path is None:
+            return {"path": None, "kind": self.kind, "sha256": None, "method": self.meta.get("method")}
+        return {"path": str(self.path), "kind": self.kind, "sha256": file_sha256(self.path / MERGE_RECORD)}
+
+
+def load_merged_state(path: str | os.PathLike) -> MergedState:
+    """Open a merged-state folder written by ``ilora merge`` (lazy: no tensor is read yet)."""
+    root = Path(path)
+    record = _read_json(root / MERGE_RECORD)
+    if record.get("format") != RECORD_FORMAT:
+        raise IloraError(f"{root / MERGE_RECORD}: format {record.get('format')!r} is not {RECORD_FORMAT!r}")
+    weight_map = record.get("weight_map") or {}
+    if not weight_map:
+        raise IloraError(f"{root / MERGE_RECORD}: lists no tensors")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in sorted(set(weight_map.values())):
+        in_file = _safetensors_shapes(root / name)
+        for key, file in weight_map.items():
+            if file == name:
+                if key not in in_file or len(in_file[key]) != 2:
+                    raise IloraError(f"{root / name}: 2-D tensor {key!r} listed in {MERGE_RECORD} is missing")
+                shapes[key] = in_file[key]
+    meta = {k: v for k, v in record.items() if k not in ("weight_map", "modules", "files")}
+    return MergedState(SafetensorsDeltas(root, weight_map, shapes), record.get("modules", {}), meta, root)
+
+
+def open_input(item: str | os.PathLike | LoraAdapter | MergedState) -> LoraAdapter | MergedState:
+    """A merge input from a folder (PEFT adapter or merged state) or an already-open object."""
+    if isinstance(item, (LoraAdapter, MergedState)):
+        return item
+    path = Path(item)
+    if not path.exists():
+        raise IloraError(f"{path}: no such adapter or merged-state folder")
+    if (path / MERGE_RECORD).is_file():
+        return load_merged_state(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return LoraAdapter(path)
+    raise IloraError(f"{path}: neither a PEFT adapter ({ADAPTER_CONFIG}) nor a merged state ({MERGE_RECORD})")
+
+
+class MergedStateWriter:
+    """Streams ``<module>.weight`` tensors into safetensors shards of at most ``shard_bytes``."""
+
+    def __init__(self, root: Path, shard_bytes: int = 1 << 30):
+        self.root, self.shard_bytes = root, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.weight_map: dict[str, str] = {}
+        self.files: list[str] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        name = f"delta-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.root / name))
+        self.weight_map.update(dict.fromkeys(self.pending, name))
+        self.files.append(name)
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Write the last shard; returns ``(weight_map, {file: sha256})``."""
+        if self.pending or not self.files:
+            self._flush()
+        if len(self.files) == 1:  # one file is the common case: give it the plain name
+            os.replace(self.root / self.files[0], self.root / "delta.safetensors")
+            self.weight_map = dict.fromkeys(self.weight_map, "delta.safetensors")
+            self.files = ["delta.safetensors"]
+        return self.weight_map, {f: file_sha256(self.root / f) for f in self.files}
+
+
+def write_record(root: Path, record: dict) -> None:
+    (root / MERGE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise IloraError(f"{out}: output already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

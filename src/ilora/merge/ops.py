@@ -1,0 +1,193 @@
+"""Pure tensor functions behind the merge methods: SVDs, truncation, sign-keeping selection.
+
+Nothing here reads files or knows about modules; every function takes and returns tensors
+(float32 unless said otherwise), so each can be tested against its dense definition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lora_delta(lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float) -> torch.Tensor:
+    """The dense weight delta of a plain LoRA module.
+
+    Args:
+        lora_B: ``out x r`` factor.
+        lora_A: ``r x in`` factor.
+        scale: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rslora).
+
+    Returns:
+        ``scale * B @ A`` in float32, ``out x in``.
+    """
+    return (lora_B.float() @ lora_A.float()).mul_(scale)
+
+
+def factorized_svd(
+    lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``scale * B @ A`` from the factors, never forming the dense product.
+
+    ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (thin QR), so ``scale·B A = Q_b (scale·R_b R_aᵀ) Q_aᵀ``
+    and only the ``r x r`` core needs an SVD. Cost ``O((out + in)·r²)`` instead of
+    ``O(out·in·min(out, in))``.
+
+    Args:
+        lora_B: ``out x r`` factor (any float dtype; upcast to float32).
+        lora_A: ``r x in`` factor.
+        scale: the LoRA scaling.
+
+    Returns:
+        ``(U, S, Vh)`` with ``U: out x k``, ``S: k`` (descending, >= 0), ``Vh: k x in``,
+        ``k = min(out, in, r)`` (``k = r`` for every real LoRA).
+    """
+    q_b, r_b = torch.linalg.qr(lora_B.float())
+    q_a, r_a = torch.linalg.qr(lora_A.float().T)
+    core_u, s, core_vh = torch.linalg.svd(scale * (r_b @ r_a.T), full_matrices=False)
+    return q_b @ core_u, s, core_vh @ q_a.T
+
+
+def kept_count(rank: int, keep: float) -> int:
+    """``ceil(keep · rank)``, the number of singular values a single adapter keeps (SPEC §2.2).
+
+    Args:
+        rank: the adapter's LoRA rank ``r``.
+        keep: fraction in ``(0, 1]``.
+
+    Returns:
+        An integer in ``[1, rank]``.
+    """
+    # Round first so that e.g. 0.8 * 10 = 8.000000000000002 does not become 9.
+    return max(1, min(rank, math.ceil(round(keep * rank, 9))))
+
+
+def low_rank_product(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """``U diag(S) Vh`` as a dense matrix (``out x in``), for truncated triplets."""
+    return (u * s) @ vh
+
+
+def _orthonormal_columns(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x).Q
+
+
+def leading_singular_triplets(
+    matrix: torch.Tensor,
+    threshold: float | None = None,
+    *,
+    count: int | None = None,
+    initial: int = 32,
+    oversample: int = 16,
+    tol: float = 1e-4,
+    max_iter: int = 30,
+    dense_fraction: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The leading singular triplets of ``matrix``: those above ``threshold``, or the top ``count``.
+
+    Randomised subspace iteration with Rayleigh-Ritz: a block of ``q = k + oversample``
+    vectors is iterated until the wanted Ritz triplets (for a threshold, also the first one
+    below it) have residual ``‖M v - σ u‖ <= tol · σ_1``. If the block fills up with values
+    above the threshold, ``k`` doubles and the search restarts wider. Only when the block
+    would cover more than ``dense_fraction`` of ``min(out, in)`` does it fall back to the
+    exact dense SVD, which is then the cheaper route.
+
+    Args:
+        matrix: ``out x in`` matrix (computed in float32).
+        threshold: keep singular values strictly greater than this (give this or ``count``).
+        count: keep exactly the ``count`` largest (capped at ``min(out, in)``).
+        initial: first block size when searching by threshold.
+        oversample: extra block columns; they speed up convergence of the wanted ones.
+        tol: residual tolerance relative to the largest singular value.
+        max_iter: iterations before widening the block.
+        dense_fraction: block-width fraction of ``min(out, in)`` that switches to dense SVD.
+        generator: RNG for the random start block (determinism).
+
+    Returns:
+        ``(U, S, Vh, width)``: the kept triplets (``S`` descending) and the widest block
+        used (``min(out, in)`` when the dense SVD ran).
+    """
+    if (threshold is None) == (count is None):
+        raise ValueError("give exactly one of threshold and count")
+    m = matrix.float()
+    n_min = min(m.shape)
+
+    def n_wanted(s: torch.Tensor) -> int:
+        return int((s > threshold).sum()) if count is None else min(count, n_min)
+
+    k = max(1, initial if count is None else count)
+    while True:
+        q = k + oversample
+        if q > dense_fraction * n_min:
+            u, s, vh = torch.linalg.svd(m, full_matrices=False)
+            n = n_wanted(s)
+            return u[:, :n], s[:n], vh[:n], n_min
+        start = torch.randn(m.shape[1], q, generator=generator, dtype=m.dtype)
+        basis = _orthonormal_columns(m @ start)
+        for _ in range(max_iter):
+            u_small, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
+            u = basis @ u_small
+            image = m @ vh.T  # out x q; its span is the next iterate
+            wanted = n_wanted(s)
+            # By threshold, the first value below it must have converged too: it proves the cut.
+            check = min(wanted + (count is None), q)
+            residual = torch.linalg.vector_norm(image[:, :check] - u[:, :check] * s[:check], dim=0)
+            if wanted < q and bool((residual <= tol * s[0].clamp_min(1e-30)).all()):
+                return u[:, :wanted], s[:wanted], vh[:wanted], q
+            if wanted >= q - oversample // 2:
+                break  # the block is full of wanted values: widen rather than iterate
+            basis = _orthonormal_columns(image)
+        k *= 2
+
+
+def max_magnitude(candidates: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise, the candidate value farthest from zero, sign kept (SPEC §2.4).
+
+    Ties in absolute value go to the later candidate, so the result is deterministic; it is
+    independent of candidate order wherever no tie occurs.
+
+    Args:
+        candidates: same-shape tensors, in input order.
+
+    Returns:
+        A new tensor of that shape.
+    """
+    merged = candidates[0].clone()
+    for cand in candidates[1:]:
+        merged = torch.where(cand.abs() >= merged.abs(), cand, merged)
+    return merged
+
+
+def pcb_merge(task_tensors: list[torch.Tensor], ratio: float) -> torch.Tensor:
+    """PCB-merging (Du et al., 2024): parameter competition balancing of task vectors.
+
+    Intra-balancing scores each entry by its own squared, min-max-normalised magnitude
+    (``exp(n · norm(|τ_i|)²)``); inter-balancing by its agreement with the other tasks
+    (``tanh(τ_i · Σ_j τ_j)``). Per task, entries outside the top ``ratio`` fraction of the
+    product score are dropped; the kept scores, min-max normalised, weight an average of
+    the task vectors. This follows the authors' reference implementation without its outlier
+    clamping of magnitudes.
+
+    Args:
+        task_tensors: same-shape task vectors (here the true LoRA deltas).
+        ratio: fraction of entries kept per task, in ``(0, 1]``.
+
+    Returns:
+        The merged task vector.
+    """
+    stacked = torch.stack([t.float().reshape(-1) for t in task_tensors])
+    n = stacked.shape[0]
+    magnitude = stacked.abs()
+    lo, hi = magnitude.amin(dim=1, keepdim=True), magnitude.amax(dim=1, keepdim=True)
+    intra = torch.exp(n * ((magnitude - lo) / (hi - lo).clamp_min(1e-30)) ** 2)
+    inter = torch.tanh(stacked * stacked.sum(dim=0))
+    score = intra * inter
+    n_keep = max(1, math.ceil(ratio * score.shape[1]))
+    cutoff = score.topk(n_keep, dim=1).values[:, -1:]
+    # Raising everything below the cut to the cut makes dropped entries weigh exactly 0 below.
+    score = torch.maximum(score, cutoff)
+    hi = score.amax(dim=1, keepdim=True)
+    weight = (score - cutoff) / (hi - cutoff).clamp_min(1e-30)
+    merged = (stacked * weight).sum(dim=0) / weight.sum(dim=0).clamp_min(1e-12)
+    return merged.reshape(task_tensors[0].shape)
