@@ -99,6 +99,16 @@ def check_processor(model: nn.Module, processor, where: str | os.PathLike = "mod
         )
 
 
+def module_part(name: str) -> str:
+    """Which part of a VLM a module belongs to: ``"vision"``, ``"projector"`` or ``"language"``."""
+    segments = set(name.split("."))
+    if segments & set(VISION_PARTS):
+        return "vision"
+    if segments & set(PROJECTOR_PARTS):
+        return "projector"
+    return "language"
+
+
 def lora_target_modules(model: nn.Module, parts: tuple[str, ...] = ("vision", "projector", "language")) -> list[str]:
     """Names of every ``nn.Linear`` in the chosen parts (the SPEC default: all three), never the LM head.
 
@@ -113,11 +123,7 @@ def lora_target_modules(model: nn.Module, parts: tuple[str, ...] = ("vision", "p
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name.split(".")[-1] in OUTPUT_HEADS:
             continue
-        segments = set(name.split("."))
-        part = (
-            "vision" if segments & set(VISION_PARTS) else "projector" if segments & set(PROJECTOR_PARTS) else "language"
-        )
-        if part in parts:
+        if module_part(name) in parts:
             names.append(name)
     if not names:
         raise IloraError(f"{type(model).__name__}: no nn.Linear found in parts {parts}")

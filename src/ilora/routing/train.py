@@ -1,0 +1,195 @@
+"""Training one routed adapter end to end: load, mix, train, save atomically.
+
+``train_adapter`` is the library entry point (the experiment calls it); ``TrainConfig`` is
+what ``ilora train`` reads from YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ilora.config import field
+from ilora.errors import IloraError
+from ilora.routing.collator import Source, mix_sources
+from ilora.routing.trainer import TERMS, RoutingConfig, RoutingTrainer
+
+LOSS_LOG = "loss_log.json"
+CONFIG_FILE = "routing_config.json"
+
+
+def load_model_and_processor(model_path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
+    """A VLM with its processor, or a causal LM with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ilora.models.load import check_processor, load_model
+
+    model = load_model(model_path, dtype, device)
+    if hasattr(model.config, "vision_config"):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_path)
+        check_processor(model, processor, model_path)
+        return model, processor
+    return model, AutoTokenizer.from_pretrained(model_path)
+
+
+def plot_loss_log(log_history: list[dict[str, Any]], path: Path) -> None:
+    """One panel per loss term (total, lm, kl, norm) against the optimiser step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["loss"] + [f"loss_{t}" for t in TERMS]
+    keys = [k for k in keys if any(k in e for e in log_history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(e["step"], e[key]) for e in log_history if key in e]
+        ax.plot(*zip(*points), marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move ``tmp`` to ``out_dir``, replacing an existing folder only once the new one is complete."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def train_adapter(
+    model_path: str | os.PathLike,
+    task_rows: Sequence[Source | Sequence[dict]],
+    general_rows: Sequence[Source | Sequence[dict]],
+    config: RoutingConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    dtype: str = "float32",
+) -> Path:
+    """Train one routed LoRA adapter and save it as a standard PEFT adapter folder.
+
+    Args:
+        model_path: HF model folder or hub id (VLM or causal LM).
+        task_rows: task sources (row lists or ``Source``s with sizes).
+        general_rows: general sources (general VL data, other games); may be empty for plain LoRA.
+        config: ``RoutingConfig``; its ``output_dir`` is replaced by ``<out_dir>.run``, where
+            the Trainer keeps checkpoints.
+        out_dir: the adapter folder, written atomically: ``adapter_config.json``,
+            ``adapter_model.safetensors``, ``routing_config.json``, ``loss_log.json``, ``loss.png``.
+        resume: continue from the last checkpoint in ``<out_dir>.run`` if there is one.
+        dtype: model dtype.
+
+    Returns:
+        ``out_dir``.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out_dir = Path(out_dir)
+    run_dir = out_dir.with_name(out_dir.name + ".run")
+    args = copy.deepcopy(config)
+    args.output_dir = str(run_dir)
+    model, processor = load_model_and_processor(model_path, dtype, "cpu")
+    dataset = mix_sources(task_rows, general_rows, seed=args.seed)
+    trainer = RoutingTrainer(model, args, train_dataset=dataset, processing_class=processor)
+    checkpoint = get_last_checkpoint(str(run_dir)) if resume and run_dir.is_dir() else None
+    if resume and checkpoint is None:
+        print(f"ilora train: no checkpoint in {run_dir}, starting from scratch")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.is_world_process_zero():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            trainer.model.save_pretrained(tmp)
+            (tmp / CONFIG_FILE).write_text(args.to_json_string())
+            (tmp / LOSS_LOG).write_text(json.dumps(trainer.state.log_history, indent=1))
+            plot_loss_log(trainer.state.log_history, tmp / "loss.png")
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    trainer.accelerator.wait_for_everyone()
+    return out_dir
+
+
+@dataclasses.dataclass
+class DataSpec:
+    """One saved dataset (``datasets.load_from_disk`` folder) and how many rows to draw."""
+
+    path: str = field(help="folder written by datasets.save_to_disk, rows following the example contract")
+    size: int | None = field(None, help="rows drawn from it (default: all; more than its length repeats rows)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What ``ilora train`` reads: model, data and training settings."""
+
+    model: str = field(help="HF model folder or hub id (VLM or causal LM)")
+    out: str = field(help="adapter output folder (checkpoints go to <out>.run)")
+    task_data: list[DataSpec] = field(default_factory=list, help="task datasets (route 'task': LM loss)")
+    general_data: list[DataSpec] = field(
+        default_factory=list, help="general datasets: general VL data and other games (route 'general')"
+    )
+    dtype: str = field("float32", help="model dtype: float32, bfloat16, float16")
+    training: dict[str, Any] = field(
+        default_factory=dict, help="RoutingConfig fields: eps_lm/eps_kl/eps_norm, lora_r, learning_rate, ..."
+    )
+
+
+def routing_config(training: dict[str, Any], where: str = "training") -> RoutingConfig:
+    """A ``RoutingConfig`` from a mapping, unknown keys named in the error."""
+    names = {f.name for f in dataclasses.fields(RoutingConfig)}
+    unknown = sorted(set(training) - names)
+    if unknown:
+        raise IloraError(f"{where}: unknown RoutingConfig key(s) {unknown}")
+    training = {"output_dir": "unused", **training}
+    try:
+        return RoutingConfig(**training)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, IloraError):
+            raise
+        raise IloraError(f"{where}: {err}") from err
+
+
+def load_sources(specs: Sequence[DataSpec], route: str, where: str) -> list[Source]:
+    """``Source``s from saved datasets, checked to follow the row contract."""
+    from datasets import load_from_disk
+
+    sources = []
+    for spec in specs:
+        path = Path(spec.path)
+        if not path.is_dir():
+            raise IloraError(f"{where}: {path} is not a folder saved with datasets.save_to_disk")
+        try:
+            ds = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise IloraError(f"{where}: {path}: cannot load dataset ({err})") from err
+        if not {"prompt", "answer"} <= set(ds.column_names) and not {"input_ids", "labels"} <= set(ds.column_names):
+            raise IloraError(f"{where}: {path} has columns {ds.column_names}; needs prompt + answer (labels)")
+        sources.append(Source(ds, route, spec.size, name=str(path)))
+    return sources
+
+
+def train_from_config(config: TrainConfig, resume: bool = False) -> Path:
+    """Run ``ilora train`` for a loaded ``TrainConfig``."""
+    if not config.task_data:
+        raise IloraError("task_data: at least one task dataset is needed")
+    args = routing_config(config.training)
+    task = load_sources(config.task_data, "task", "task_data")
+    general = load_sources(config.general_data, "general", "general_data")
+    return train_adapter(config.model, task, general, args, config.out, resume=resume, dtype=config.dtype)

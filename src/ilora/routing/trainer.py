@@ -1,0 +1,183 @@
+"""Routing tuning as a ``transformers.Trainer``: task rows learn, general rows keep the adapter silent.
+
+Per micro-batch (SPEC §1):
+
+- task rows: ``L_lm``, next-token cross-entropy on their labels;
+- general rows: ``L_kl = KL(p_base ‖ p_lora)`` at their target tokens, ``p_base`` from the same
+  PEFT model under ``disable_adapter()`` without gradient, and ``L_norm``, the per-layer mean
+  of ``‖lora_B output‖²`` over their positions (image patches included), summed over layers;
+- ``loss = eps_lm·L_lm + eps_kl·L_kl + eps_norm·L_norm``.
+
+The task and general rows run as separate sub-batches, so a forward hook on every
+``lora_B`` sees only general rows while recording (no per-sample ``adapter_names``). Logits
+are only computed at target positions (``logits_to_keep``) and the KL in float32 chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ilora.config import field
+from ilora.errors import IloraError
+from ilora.routing.collator import RoutingCollator, route_counts, select_rows
+from ilora.routing.hooks import LoraOutputRecorder
+from ilora.routing.lora import apply_lora
+from ilora.routing.losses import causal_lm_loss, kl_base_lora, target_positions
+
+TERMS = ("lm", "kl", "norm")
+
+
+@dataclass
+class RoutingConfig(TrainingArguments):
+    """``TrainingArguments`` plus the routing-loss weights and the LoRA settings."""
+
+    eps_lm: float = field(1.0, help="weight of the LM loss on task rows (SPEC ε1)")
+    eps_kl: float = field(0.01, help="weight of KL(p_base || p_lora) on general rows' target tokens (SPEC ε2)")
+    eps_norm: float = field(2.0, help="weight of the summed per-layer mean squared LoRA-B output norm on general rows (SPEC ε3)")
+    kl_chunk_size: int = field(1024, help="target positions per float32 KL chunk (bounds memory with large vocabularies)")
+    lora_r: int = field(128, help="LoRA rank")
+    lora_alpha: float = field(256.0, help="LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = field(0.05, help="dropout on the LoRA branch input")
+    lora_target_modules: list[str] | None = field(
+        None, help="module names (exact or dotted suffix); default: every nn.Linear of lora_parts except the LM head"
+    )
+    lora_parts: list[str] = field(
+        default_factory=lambda: ["vision", "projector", "language"], help="VLM parts LoRA goes on by default"
+    )
+    # Defaults that differ from TrainingArguments: rows carry images and routes, not model kwargs.
+    num_train_epochs: float = field(5.0, help="training epochs (SPEC default for real models: 5)")
+    remove_unused_columns: bool = field(False, help="keep the row columns; the routing collator encodes them")
+    report_to: str | list[str] = field("none", help="integrations to report to (none by default)")
+    logging_steps: float = field(10, help="log the loss terms every N optimiser steps")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("eps_lm", "eps_kl", "eps_norm"):
+            if getattr(self, name) < 0:
+                raise IloraError(f"{name} = {getattr(self, name)}: loss weights must be >= 0")
+        if self.kl_chunk_size < 1:
+            raise IloraError(f"kl_chunk_size = {self.kl_chunk_size}: must be >= 1")
+
+    @property
+    def routes_general(self) -> bool:
+        """Whether general rows get any loss (plain LoRA when not)."""
+        return self.eps_kl > 0 or self.eps_norm > 0
+
+
+def check_routes(dataset, args: RoutingConfig) -> None:
+    """Refuse data that cannot be trained with these weights.
+
+    Raises:
+        IloraError: no task rows; no general rows while ``eps_kl``/``eps_norm`` > 0 (never
+            silently plain LoRA); general rows that would get no loss at all.
+    """
+    counts = route_counts(dataset)
+    if counts["task"] == 0:
+        raise IloraError("the training data has no task rows (route 'task')")
+    if args.routes_general and counts["general"] == 0:
+        raise IloraError(
+            f"eps_kl = {args.eps_kl}, eps_norm = {args.eps_norm} but the training data has no general rows; "
+            "add general data, or set eps_kl = eps_norm = 0 for plain LoRA"
+        )
+    if not args.routes_general and counts["general"] > 0:
+        raise IloraError(
+            f"{counts['general']} general rows would get no loss with eps_kl = eps_norm = 0; "
+            "drop them (plain LoRA) or give them a weight"
+        )
+
+
+class RoutingTrainer(Trainer):
+    """A ``Trainer`` whose loss routes task rows to ``L_lm`` and general rows to ``L_kl`` + ``L_norm``.
+
+    Args:
+        model: a PEFT model with a LoRA adapter ``"default"``, or a plain model (wrapped here
+            with ``args``' LoRA settings).
+        args: ``RoutingConfig``.
+        train_dataset: rows with a ``route`` (see ``collator.mix_sources``).
+        processing_class: the processor (VLM) or tokenizer; used by the default collator.
+        **kwargs: passed to ``Trainer``.
+    """
+
+    def __init__(self, model=None, args: RoutingConfig | None = None, train_dataset=None, processing_class=None, **kwargs):
+        from peft import PeftModel
+
+        if not isinstance(args, RoutingConfig):
+            raise IloraError(f"RoutingTrainer needs a RoutingConfig, got {type(args).__name__}")
+        if train_dataset is not None:
+            check_routes(train_dataset, args)
+        if not isinstance(model, PeftModel):
+            model = apply_lora(
+                model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.lora_parts, args.seed
+            )
+        if kwargs.get("data_collator") is None:
+            if processing_class is None:
+                raise IloraError("RoutingTrainer needs processing_class (processor or tokenizer) or a data_collator")
+            kwargs["data_collator"] = RoutingCollator(processing_class)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
+        # Each micro-batch loss is a mean; the Trainer divides it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.recorder = LoraOutputRecorder(model)
+        base = model.get_base_model()
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._term_sums = torch.zeros(len(TERMS), 2, device=args.device)
+
+    def _target_logits(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[N, V]`` at the batch's N target positions and the target ids ``[N]``."""
+        rows, positions, targets = target_positions(batch["labels"])
+        kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        columns = positions
+        if self._keeps_logits:
+            kept = torch.unique(positions) if positions.numel() else positions.new_zeros(1)
+            kwargs["logits_to_keep"] = kept
+            columns = torch.searchsorted(kept, positions)
+        logits = model(**kwargs, use_cache=False).logits
+        return logits[rows, columns], targets
+
+    def routing_terms(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss terms present in this micro-batch (``lm`` when it has task rows; ``kl``
+        and/or ``norm`` when it has general rows and their weight is non-zero)."""
+        args = self.args
+        terms: dict[str, torch.Tensor] = {}
+        is_task, n_images = inputs["is_task"], inputs["n_images"]
+        task = select_rows(inputs, is_task, n_images)
+        if task is not None:
+            terms["lm"] = causal_lm_loss(*self._target_logits(model, task))
+        general = select_rows(inputs, ~is_task, n_images) if args.routes_general else None
+        if general is not None:
+            record = self.recorder.record(general["attention_mask"]) if args.eps_norm > 0 else contextlib.nullcontext()
+            with record:
+                lora_logits, _ = self._target_logits(model, general)
+            if args.eps_norm > 0:
+                terms["norm"] = self.recorder.norm_loss().to(lora_logits.device)
+            if args.eps_kl > 0:
+                peft_model = self.accelerator.unwrap_model(model)
+                with torch.no_grad(), peft_model.disable_adapter():
+                    base_logits, _ = self._target_logits(peft_model, general)
+                terms["kl"] = kl_base_lora(base_logits, lora_logits, args.kl_chunk_size)
+        return terms
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        terms = self.routing_terms(model, inputs)
+        weights = {"lm": self.args.eps_lm, "kl": self.args.eps_kl, "norm": self.args.eps_norm}
+        loss = sum(weights[k] * v for k, v in terms.items())
+        if model.training:
+            for i, name in enumerate(TERMS):
+                if name in terms:
+                    self._term_sums[i, 0] += terms[name].detach().float()
+                    self._term_sums[i, 1] += 1
+        return (loss, {"terms": terms}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each loss term since the last log (over all processes) to training logs."""
+        if "loss" in logs:
+            sums = self.accelerator.reduce(self._term_sums.clone(), "sum").cpu()
+            for (total, count), name in zip(sums.tolist(), TERMS):
+                if count > 0:
+                    logs[f"loss_{name}"] = round(total / count, 8)
+            self._term_sums.zero_()
+        super().log(logs, start_time)
