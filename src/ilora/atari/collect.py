@@ -1,0 +1,365 @@
+"""Expert rollouts -> a Hugging Face ``datasets`` dataset of two-frame prompts and answers.
+
+Each row is one agent step: ``images`` (the earlier and later native 210x160 RGB frames,
+``frame_skip`` emulator frames apart), ``prompt``, ``answer`` (reasoning + ``Action: NAME``, or
+direct), the ``action`` name and metadata (``game``, ``episode``, ``step``, ``score_so_far``,
+``object_text``, ``reasoning``). Following the paper, the opening steps and the steps that lead
+into a lost life (or lost point) are removed; steps around rare actions (Breakout's FIRE) are
+always kept, and can be repeated for label balance.
+
+Episode ``i`` is played from ``reset(seed=seed + i)``, so each episode is reproducible on its own;
+that is what makes collection resumable: episodes already on disk are kept, missing ones are
+played, and the result is identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ilora.atari.envs import TwoFrameEnv
+from ilora.atari.experts import Policy, Step, get_expert, run_episode
+from ilora.atari.games import DEFAULT_FRAME_SKIP, DEFAULT_REPEAT_ACTION_PROBABILITY, get_game
+from ilora.atari.prompts import build_answer, build_prompt
+from ilora.atari.ram import object_text as ram_object_text
+from ilora.config import field, to_dict
+from ilora.errors import IloraError
+
+
+@dataclass
+class CollectConfig:
+    """How expert data is collected for one game."""
+
+    game: str = field("Pong", help="Catalogued game name (see ilora.atari.games.GAMES).")
+    episodes: int = field(10, help="Number of episodes to play.")
+    seed: int = field(0, help="Episode i is played from reset(seed=seed + i).")
+    object_text: bool = field(True, help="Put the RAM object-state text in the prompt.")
+    reasoning: bool = field(True, help="Answers give reasoning before 'Action: NAME' (else direct).")
+    max_steps: int | None = field(None, help="Cap on agent steps per episode (None: the env's frame cap).")
+    drop_first: int = field(8, help="Opening agent steps removed from every episode.")
+    drop_before_failure: int = field(
+        8, help="Agent steps removed before (and including) each lost life or lost point."
+    )
+    rare_share: float = field(
+        0.02, help="An action taken in fewer than this share of an episode's steps counts as rare."
+    )
+    rare_window: int = field(2, help="Steps within this distance of a rare action are never removed.")
+    rare_repeat: int = field(1, help="Rows whose action is rare are written this many times (label balance).")
+    frame_skip: int = field(DEFAULT_FRAME_SKIP, help="Emulator frames per step = distance between the two images.")
+    repeat_action_probability: float = field(
+        DEFAULT_REPEAT_ACTION_PROBABILITY, help="Sticky-action probability (ALE v5 default 0.25; 0 = deterministic)."
+    )
+
+    def __post_init__(self) -> None:
+        self.game = get_game(self.game).name
+        for name in ("episodes", "rare_repeat"):
+            if getattr(self, name) < 1:
+                raise IloraError(f"collect: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("drop_first", "drop_before_failure", "rare_window"):
+            if getattr(self, name) < 0:
+                raise IloraError(f"collect: {name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise IloraError(f"collect: max_steps must be >= 1, got {self.max_steps}")
+
+
+def dataset_features():
+    """The row schema shared by every collected dataset."""
+    from datasets import Features, Image, List, Value
+
+    return Features(
+        {
+            "images": List(Image()),
+            "prompt": Value("string"),
+            "answer": Value("string"),
+            "action": Value("string"),
+            "game": Value("string"),
+            "episode": Value("int32"),
+            "step": Value("int32"),
+            "score_so_far": Value("float32"),
+            "object_text": Value("bool"),
+            "reasoning": Value("bool"),
+        }
+    )
+
+
+def keep_mask(actions: list[str], failures: list[bool], config: CollectConfig) -> np.ndarray:
+    """Which steps of an episode become rows.
+
+    Args:
+        actions: The action taken at each step.
+        failures: Whether each step's transition lost a life (or a point).
+        config: Supplies the drop windows and the rare-action rule.
+
+    Returns:
+        Boolean mask over steps.
+    """
+    n = len(actions)
+    keep = np.ones(n, dtype=bool)
+    keep[: config.drop_first] = False
+    for t in np.flatnonzero(failures):
+        keep[max(0, t - config.drop_before_failure + 1) : t + 1] = False
+    counts = Counter(actions)
+    rare = {a for a, c in counts.items() if c < config.rare_share * n}
+    for t in (t for t, a in enumerate(actions) if a in rare):
+        keep[max(0, t - config.rare_window) : t + config.rare_window + 1] = True
+    return keep
+
+
+def _png(frame: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class _StepRecord:
+    """What collection keeps of a step: PNG-encoded frames (not arrays) keep long episodes small."""
+
+    pngs: tuple[bytes, bytes]
+    rams: tuple[np.ndarray, np.ndarray]
+    action: str
+    reasoning: str
+    reward: float
+    life_lost: bool
+
+
+class _Recorder:
+    """``on_step`` callback for :func:`run_episode` that encodes each frame once."""
+
+    def __init__(self) -> None:
+        self.records: list[_StepRecord] = []
+        self._last: tuple[np.ndarray, bytes] | None = None  # the previous later frame and its PNG
+
+    def _encode(self, frame: np.ndarray) -> bytes:
+        if self._last is not None and self._last[0] is frame:
+            return self._last[1]
+        return _png(frame)
+
+    def __call__(self, step: Step) -> None:
+        earlier, later = step.observation.frames
+        pngs = (self._encode(earlier), _png(later) if later is not earlier else self._encode(earlier))
+        self._last = (later, pngs[1])
+        d = step.decision
+        self.records.append(_StepRecord(pngs, step.observation.rams, d.action, d.reasoning, step.reward, step.life_lost))
+
+
+def episode_rows(records: list[_StepRecord], index: int, config: CollectConfig) -> dict[str, list]:
+    """Columns (images as PNG bytes) for the kept steps of one episode."""
+    actions = [r.action for r in records]
+    keep = keep_mask(actions, [r.life_lost for r in records], config)
+    rare = {a for a, c in Counter(actions).items() if c < config.rare_share * len(actions)}
+    prompt_plain = build_prompt(config.game, reasoning=config.reasoning, frame_skip=config.frame_skip)
+    columns: dict[str, list] = {name: [] for name in dataset_features()}
+    score = 0.0
+    for t, record in enumerate(records):
+        if keep[t]:
+            prompt = (
+                build_prompt(
+                    config.game,
+                    object_text=ram_object_text(config.game, *record.rams),
+                    reasoning=config.reasoning,
+                    frame_skip=config.frame_skip,
+                )
+                if config.object_text
+                else prompt_plain
+            )
+            row = {
+                "images": [{"bytes": png, "path": None} for png in record.pngs],
+                "prompt": prompt,
+                "answer": build_answer(record.reasoning if config.reasoning else None, record.action),
+                "action": record.action,
+                "game": config.game,
+                "episode": index,
+                "step": t,
+                "score_so_far": score,
+                "object_text": config.object_text,
+                "reasoning": config.reasoning,
+            }
+            for _ in range(config.rare_repeat if record.action in rare else 1):
+                for name, value in row.items():
+                    columns[name].append(value)
+        score += record.reward
+    return columns
+
+
+def collect_episode(config: CollectConfig, index: int, policy: Policy | None = None, env: TwoFrameEnv | None = None):
+    """Play episode ``index`` with ``policy`` (default: the game's scripted expert).
+
+    Returns:
+        ``(dataset, summary)``: the episode's rows as a ``datasets.Dataset`` and a summary dict
+        (score, length, removed steps, the expert's and the rows' action histograms).
+    """
+    from datasets import Dataset
+
+    own_env = env is None
+    env = env or TwoFrameEnv(
+        config.game, frame_skip=config.frame_skip, repeat_action_probability=config.repeat_action_probability
+    )
+    recorder = _Recorder()
+    try:
+        policy = policy if policy is not None else get_expert(config.game)
+        episode = run_episode(policy, env, config.seed + index, max_steps=config.max_steps, on_step=recorder)
+    finally:
+        if own_env:
+            env.close()
+    columns = episode_rows(recorder.records, index, config)
+    actions = [r.action for r in recorder.records]
+    summary = {
+        "episode": index,
+        "seed": config.seed + index,
+        "score": episode.score,
+        "length": episode.length,
+        "truncated": episode.truncated,
+        "rows": len(columns["action"]),
+        "removed": episode.length - len(set(columns["step"])),
+        "expert_actions": dict(sorted(Counter(actions).items())),
+        "row_actions": dict(sorted(Counter(columns["action"]).items())),
+    }
+    return Dataset.from_dict(columns, features=dataset_features()), summary
+
+
+def collect_dataset(
+    game: str,
+    episodes: int,
+    seed: int = 0,
+    *,
+    policy: Policy | None = None,
+    progress: bool = True,
+    **options,
+):
+    """Collect ``episodes`` episodes of ``game`` in memory and return them as one ``datasets.Dataset``.
+
+    Args:
+        game: Catalogued game name.
+        episodes: Number of episodes.
+        seed: Episode ``i`` is played from ``reset(seed=seed + i)``.
+        policy: Any :class:`~ilora.atari.experts.Policy`; default the scripted expert.
+        progress: Show a tqdm bar.
+        **options: Further :class:`CollectConfig` fields (``object_text``, ``reasoning``, ``max_steps``...).
+
+    Returns:
+        The rows of all episodes, in episode order.
+    """
+    from datasets import concatenate_datasets
+    from tqdm.auto import tqdm
+
+    config = CollectConfig(game=game, episodes=episodes, seed=seed, **options)
+    env = TwoFrameEnv(config.game, frame_skip=config.frame_skip, repeat_action_probability=config.repeat_action_probability)
+    parts = []
+    try:
+        for index in tqdm(range(episodes), desc=f"collect {config.game}", unit="episode", disable=not progress):
+            parts.append(collect_episode(config, index, policy, env)[0])
+    finally:
+        env.close()
+    return concatenate_datasets(parts)
+
+
+def _atomic_dir(final: Path):
+    """A temporary sibling directory; call ``commit(tmp)`` to rename it onto ``final``."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def commit() -> None:
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    return tmp, commit
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def collect_to_disk(config: CollectConfig, out: str | Path, policy: Policy | None = None, progress: bool = True) -> dict:
+    """Collect into ``out`` resumably; write the merged dataset to ``out/dataset``.
+
+    Layout: ``out/collect_config.json`` (the settings; a resume must match them),
+    ``out/episodes/episode_NNNNN/`` (one saved dataset + ``summary.json`` per episode, each
+    written to a temporary directory and renamed), ``out/dataset/`` (all episodes, loadable with
+    ``datasets.load_from_disk``) and ``out/summary.json`` (scores, removed steps, action histograms).
+
+    Returns:
+        The overall summary (also written to ``out/summary.json``).
+
+    Raises:
+        IloraError: ``out`` holds a collection made with different settings, or is a file.
+    """
+    from datasets import concatenate_datasets, load_from_disk
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise IloraError(f"{out}: exists and is not a directory")
+    settings = to_dict(config)
+    config_path = out / "collect_config.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        differ = sorted(k for k in settings if k != "episodes" and previous.get(k) != settings[k])
+        if differ:
+            raise IloraError(
+                f"{config_path}: the existing collection used different settings for {differ}; "
+                "use another --out or the same settings to resume"
+            )
+    (out / "episodes").mkdir(parents=True, exist_ok=True)
+    _write_json(config_path, settings)
+
+    env = TwoFrameEnv(config.game, frame_skip=config.frame_skip, repeat_action_probability=config.repeat_action_probability)
+    summaries, parts = [], []
+    try:
+        bar = tqdm(range(config.episodes), desc=f"collect {config.game}", unit="episode", disable=not progress)
+        for index in bar:
+            folder = out / "episodes" / f"episode_{index:05d}"
+            if not (folder / "summary.json").exists():  # resumable: finished episodes are kept
+                dataset, summary = collect_episode(config, index, policy, env)
+                tmp, commit = _atomic_dir(folder)
+                dataset.save_to_disk(str(tmp))
+                _write_json(tmp / "summary.json", summary)
+                commit()
+            summaries.append(json.loads((folder / "summary.json").read_text()))
+            parts.append(load_from_disk(str(folder)))
+            bar.set_postfix(score=summaries[-1]["score"], rows=summaries[-1]["rows"])
+    finally:
+        env.close()
+
+    tmp, commit = _atomic_dir(out / "dataset")
+    concatenate_datasets(parts).save_to_disk(str(tmp))
+    commit()
+    summary = summarize(summaries, config)
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def summarize(episodes: list[dict], config: CollectConfig) -> dict:
+    """Scores, row counts and action histograms over a collection's episode summaries."""
+    row_actions: Counter = Counter()
+    expert_actions: Counter = Counter()
+    for e in episodes:
+        row_actions.update(e["row_actions"])
+        expert_actions.update(e["expert_actions"])
+    scores = [e["score"] for e in episodes]
+    return {
+        "game": config.game,
+        "config": dataclasses.asdict(config),
+        "episodes": len(episodes),
+        "scores": scores,
+        "mean_score": float(np.mean(scores)) if scores else None,
+        "rows": sum(e["rows"] for e in episodes),
+        "removed_steps": sum(e["removed"] for e in episodes),
+        "row_actions": dict(sorted(row_actions.items())),
+        "expert_actions": dict(sorted(expert_actions.items())),
+    }

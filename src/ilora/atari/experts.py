@@ -1,0 +1,271 @@
+"""Experts: anything that maps an :class:`Observation` to an action, and the built-in scripted ones.
+
+A :class:`Policy` is any callable ``policy(observation) -> action`` where the action is a name,
+an index, or a :class:`Decision` (name + reasoning text). A user's RL agent or a loaded
+checkpoint becomes an expert by wrapping it in such a callable (optionally with ``reset()``,
+called at every episode start).
+
+The scripted experts read the console RAM through :mod:`ilora.atari.ram` and act on the
+relation words of its :class:`~ilora.atari.ram.ObjectFacts`; their reasoning text is generated
+from the same facts, so the answer's reasoning always explains the action it ends with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Union, runtime_checkable
+
+import numpy as np
+
+from ilora.atari.envs import Observation, TwoFrameEnv
+from ilora.atari.games import Game, get_game
+from ilora.atari.ram import BOXING_VERTICAL, ObjectFacts, Point, object_facts
+from ilora.errors import IloraError
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An action name and the reasoning behind it (empty for policies that give none)."""
+
+    action: str
+    reasoning: str = ""
+
+
+Action = Union[Decision, str, int]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that picks an action for an observation."""
+
+    def __call__(self, observation: Observation) -> Action: ...
+
+
+def to_decision(action: Action, action_names: tuple[str, ...]) -> Decision:
+    """Normalise a policy's output (name, index or Decision) to a :class:`Decision`.
+
+    Raises:
+        IloraError: The name or index is not one of ``action_names``.
+    """
+    if isinstance(action, Decision):
+        name = action.action
+    elif isinstance(action, (int, np.integer)):
+        if not 0 <= int(action) < len(action_names):
+            raise IloraError(f"policy returned action index {action}; valid: 0..{len(action_names) - 1}")
+        name = action_names[int(action)]
+    else:
+        name = str(action)
+    if name not in action_names:
+        raise IloraError(f"policy returned action {name!r}; valid: {', '.join(action_names)}")
+    return action if isinstance(action, Decision) else Decision(name)
+
+
+def reset_policy(policy: Policy) -> None:
+    """Call the policy's ``reset()`` if it has one (stateful policies start each episode fresh)."""
+    reset = getattr(policy, "reset", None)
+    if callable(reset):
+        reset()
+
+
+class RandomPolicy:
+    """Uniformly random actions from its own seeded generator (the 'random' reference agent)."""
+
+    def __init__(self, action_names: tuple[str, ...], seed: int = 0) -> None:
+        self.action_names = action_names
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, observation: Observation) -> Decision:
+        return Decision(self.action_names[int(self._rng.integers(len(self.action_names)))])
+
+
+def _motion(before: Point | None, now: Point | None) -> str:
+    """Words for how an object moved between the two frames."""
+    if before is None or now is None:
+        return "just appeared" if now is not None else "not visible"
+    dx, dy = now[0] - before[0], now[1] - before[1]
+    words = [w for w, on in (("up", dy < 0), ("down", dy > 0), ("left", dx < 0), ("right", dx > 0)) if on]
+    return "moving " + "-".join(words) if words else "standing still"
+
+
+def _where(point: Point) -> str:
+    """A coarse screen region for a pixel position, for the reasoning text."""
+    row = "top" if point[1] < 80 else "bottom" if point[1] > 150 else "middle"
+    col = "left" if point[0] < 53 else "right" if point[0] > 106 else "centre"
+    return f"{row} {col}" if (row, col) != ("middle", "centre") else "centre"
+
+
+class ScriptedExpert:
+    """Base of the RAM-reading experts: read the facts, pick an action, explain it."""
+
+    game_name: str
+
+    def __init__(self) -> None:
+        self.game: Game = get_game(self.game_name)
+
+    def act(self, facts: ObjectFacts) -> Decision:
+        raise NotImplementedError
+
+    def __call__(self, observation: Observation) -> Decision:
+        return self.act(object_facts(self.game, *observation.rams))
+
+
+class PongExpert(ScriptedExpert):
+    """Keeps the paddle level with the ball: ball above -> up (RIGHT), below -> down (LEFT)."""
+
+    game_name = "Pong"
+    MOVES = {"above": ("RIGHT", "move my paddle up"), "below": ("LEFT", "move my paddle down")}
+
+    def act(self, facts: ObjectFacts) -> Decision:
+        relation = facts.relations["ball_vs_paddle"]
+        ball_before, ball = facts.objects["ball"]
+        if relation == "none":
+            return Decision("NOOP", "No ball is in play; I wait for the serve. Action rule: nothing to hit, so I stay.")
+        scene = f"The ball is in the {_where(ball)} of the screen, {_motion(ball_before, ball)}."
+        if relation == "level":
+            return Decision("NOOP", f"{scene} It is level with my paddle, so the paddle is in place to hit it back; I hold still.")
+        action, how = self.MOVES[relation]
+        return Decision(action, f"{scene} It is {relation} my paddle; to hit it back before it passes I {how}.")
+
+
+class BreakoutExpert(ScriptedExpert):
+    """Launches a ball when none is in play (FIRE), otherwise keeps the paddle under the ball."""
+
+    game_name = "Breakout"
+
+    def act(self, facts: ObjectFacts) -> Decision:
+        relation = facts.relations["ball_vs_paddle"]
+        ball_before, ball = facts.objects["ball"]
+        if relation == "none":
+            return Decision("FIRE", "No ball is in play. The rules say FIRE launches a new ball, so I press FIRE.")
+        scene = f"The ball is in the {_where(ball)} of the screen, {_motion(ball_before, ball)}."
+        if relation == "level":
+            return Decision("NOOP", f"{scene} It is straight above the paddle, so the paddle will catch it; I stay.")
+        return Decision(
+            relation.upper(),
+            f"{scene} It is {relation} of the paddle; I move the paddle {relation} to bounce it back before it passes.",
+        )
+
+
+class FreewayExpert(ScriptedExpert):
+    """Moves the chicken up unless a car is about to pass through its next lane, then waits."""
+
+    game_name = "Freeway"
+
+    def act(self, facts: ObjectFacts) -> Decision:
+        _, chicken = facts.objects["chicken"]
+        scene = f"The chicken is in the {_where(chicken)} of the road."
+        if facts.relations["next_lane"] == "car":
+            _, car = facts.objects["car in next lane"]
+            return Decision(
+                "NOOP",
+                f"{scene} A car in the next lane is about to pass in front of it (car at {_where(car)}); "
+                "a hit pushes the chicken back, so I wait.",
+            )
+        return Decision("UP", f"{scene} The next lane is clear; each crossing scores, so I move up.")
+
+
+class BoxingExpert(ScriptedExpert):
+    """Lines a glove up with the opponent at punching distance, then punches (FIRE)."""
+
+    game_name = "Boxing"
+    # Vertical word -> (move, why); the glove words need no vertical move.
+    VERTICAL_MOVES = {
+        "above": ("UP", "move up to line a glove up with the opponent"),
+        "high centre": ("DOWN", "move down so my top glove lines up"),
+        "low centre": ("UP", "move up so my bottom glove lines up"),
+        "below": ("DOWN", "move down to line a glove up with the opponent"),
+    }
+
+    def act(self, facts: ObjectFacts) -> Decision:
+        side, distance, vertical = (facts.relations[k] for k in ("side", "distance", "vertical"))
+        scene = f"The opponent is to my {side}, {distance}; {BOXING_VERTICAL[vertical].replace('your', 'my')}."
+        move, why = self.VERTICAL_MOVES.get(vertical, ("", ""))
+        if distance == "in reach" and not move:
+            return Decision("FIRE", f"{scene} A punch lands from here and scores a point, so I punch.")
+        reasons = [why] if why else []
+        if distance == "far":
+            reasons.append(f"step {side} to get within reach")
+        action = move + (side.upper() if distance == "far" else "")
+        return Decision(action, f"{scene} Punches land only from reach with a glove in line, so I {' and '.join(reasons)}.")
+
+
+EXPERTS: dict[str, Callable[[], ScriptedExpert]] = {
+    cls.game_name: cls for cls in (PongExpert, BreakoutExpert, FreewayExpert, BoxingExpert)
+}
+
+
+def get_expert(game: str | Game) -> ScriptedExpert:
+    """The built-in scripted expert for ``game``.
+
+    Raises:
+        IloraError: No scripted expert exists for the game; lists those that do.
+    """
+    name = get_game(game).name
+    if name not in EXPERTS:
+        raise IloraError(f"no scripted expert for {name}; built-in experts: {', '.join(sorted(EXPERTS))}")
+    return EXPERTS[name]()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One agent step of a rollout: what was seen, what was decided, what followed."""
+
+    observation: Observation
+    decision: Decision
+    reward: float
+    life_lost: bool
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A finished (or capped) rollout."""
+
+    score: float
+    steps: list[Step]  # empty unless recorded
+    length: int
+    truncated: bool  # hit the environment's frame cap or the step cap
+
+
+def run_episode(
+    policy: Policy,
+    env: TwoFrameEnv,
+    seed: int,
+    *,
+    max_steps: int | None = None,
+    record: bool = False,
+    on_step: Callable[[Step], None] | None = None,
+) -> Episode:
+    """Play one episode of ``env`` with ``policy`` from ``reset(seed=seed)``.
+
+    Args:
+        policy: Any :class:`Policy`; its ``reset()`` (if any) is called first.
+        env: The two-frame environment.
+        seed: Episode seed (the episode is reproducible from it alone).
+        max_steps: Stop after this many agent steps (counted as truncated).
+        record: Keep every :class:`Step` (frames included) in the result.
+        on_step: Called with every :class:`Step` as it happens (to keep a compact record instead).
+
+    Returns:
+        The episode's score, length and (if recorded) steps.
+    """
+    reset_policy(policy)
+    observation = env.reset(seed=seed)
+    score, steps, length, truncated = 0.0, [], 0, False
+    while True:
+        decision = to_decision(policy(observation), env.action_names)
+        transition = env.step(decision.action)
+        if record or on_step is not None:
+            step = Step(observation, decision, transition.reward, transition.life_lost)
+            if record:
+                steps.append(step)
+            if on_step is not None:
+                on_step(step)
+        score += transition.reward
+        length += 1
+        observation = transition.observation
+        if transition.terminated:
+            break
+        if transition.truncated or (max_steps is not None and length >= max_steps):
+            truncated = True
+            break
+    return Episode(score, steps, length, truncated)

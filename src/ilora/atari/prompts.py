@@ -1,0 +1,122 @@
+"""The benchmark's prompt and answer text, and the exact-match action parser.
+
+The prompt goes with two images (earlier, later frame; the images come first in the user turn,
+the processor's chat template places them). It holds the rules, the numbered action meanings,
+optionally the object-state text, and the instruction. The answer is either reasoning followed
+by ``Action: NAME`` or just ``Action: NAME`` (direct).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ilora.atari.games import DEFAULT_FRAME_SKIP, Game, get_game
+
+ACTION_PREFIX = "Action:"
+
+# What the ALE's direction/fire names do, for action names without a game-specific meaning.
+_DIRECTIONS = {"UP": "up", "DOWN": "down", "LEFT": "left", "RIGHT": "right"}
+
+# Where a game gives an action a meaning its name hides (Pong's RIGHT moves the paddle up).
+GAME_ACTION_MEANINGS: dict[str, dict[str, str]] = {
+    "Pong": {
+        "FIRE": "serve / do nothing",
+        "RIGHT": "move your paddle up",
+        "LEFT": "move your paddle down",
+        "RIGHTFIRE": "move your paddle up",
+        "LEFTFIRE": "move your paddle down",
+    },
+    "Breakout": {"FIRE": "launch a new ball (when none is in play)"},
+    "Freeway": {"UP": "move the chicken up, toward the far side", "DOWN": "move the chicken back down"},
+    "Boxing": {"FIRE": "punch"},
+}
+
+
+def describe_action(name: str, game: str | Game | None = None) -> str:
+    """A short meaning for an ALE action name, e.g. ``UPRIGHTFIRE`` -> ``move up-right and fire``."""
+    if game is not None:
+        special = GAME_ACTION_MEANINGS.get(get_game(game).name, {}).get(name)
+        if special:
+            return special
+    if name == "NOOP":
+        return "do nothing"
+    fire = name.endswith("FIRE")
+    rest = name[: -len("FIRE")] if fire else name
+    moves = []
+    while rest:
+        word = next((w for w in _DIRECTIONS if rest.startswith(w)), None)
+        if word is None:  # not a direction name: show it as is
+            return name.lower()
+        moves.append(_DIRECTIONS[word])
+        rest = rest[len(word):]
+    move = "move " + "-".join(moves) if moves else ""
+    return " and ".join(p for p in (move, "fire" if fire else "") if p)
+
+
+def action_list(action_names: tuple[str, ...] | list[str], game: str | Game | None = None) -> str:
+    """The numbered action meanings, one per line: ``0. NOOP: do nothing``."""
+    return "\n".join(f"{i}. {name}: {describe_action(name, game)}" for i, name in enumerate(action_names))
+
+
+def build_prompt(
+    game: str | Game,
+    *,
+    object_text: str | None = None,
+    reasoning: bool = True,
+    action_names: tuple[str, ...] | None = None,
+    frame_skip: int = DEFAULT_FRAME_SKIP,
+) -> str:
+    """The user text that accompanies the two frames.
+
+    Args:
+        game: The game (or its name).
+        object_text: Object-state text from :func:`ilora.atari.ram.object_text`, or ``None``.
+        reasoning: Ask for reasoning before the action (else only ``Action: NAME``).
+        action_names: The actions the environment accepts; defaults to the minimal set.
+        frame_skip: Emulator frames between the two images.
+
+    Returns:
+        The prompt text.
+    """
+    game = get_game(game)
+    names = action_names if action_names is not None else game.action_names
+    parts = [
+        f"You are playing the Atari game {game.name}. The two images are frames of the game "
+        f"{frame_skip} emulator frames apart; act on the second (later) one.",
+        f"Rules: {game.rules}",
+        f"Actions:\n{action_list(names, game)}",
+    ]
+    if object_text:
+        parts.append(object_text)
+    if reasoning:
+        parts.append(
+            "Say what is on the screen and which rule applies, then give your action on the last "
+            f"line as '{ACTION_PREFIX} NAME' with one of the action names above."
+        )
+    else:
+        parts.append(f"Answer only with '{ACTION_PREFIX} NAME' using one of the action names above.")
+    return "\n\n".join(parts)
+
+
+def build_answer(reasoning: str | None, action: str) -> str:
+    """The assistant text: optional reasoning, then ``Action: NAME`` on its own line."""
+    line = f"{ACTION_PREFIX} {action}"
+    return f"{reasoning.strip()}\n{line}" if reasoning and reasoning.strip() else line
+
+
+_ACTION_RE = re.compile(r"(?:^|\s)" + re.escape(ACTION_PREFIX) + r"[ \t]*([A-Za-z_]+)[ \t.]*$")
+
+
+def parse_action(text: str, action_names: tuple[str, ...] | list[str]) -> str | None:
+    """The action named on the answer's last non-empty line, by exact match; ``None`` if invalid.
+
+    The whole name token must match (``RIGHTFIRE`` never parses as ``RIGHT``; case matters), and
+    the line must end with ``Action: NAME`` (a trailing period is tolerated).
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    match = _ACTION_RE.search(lines[-1])
+    if match is None or match.group(1) not in action_names:
+        return None
+    return match.group(1)
