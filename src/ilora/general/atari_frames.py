@@ -1,6 +1,7 @@
 """Frames of Atari games under a random policy, with game-agnostic questions.
 
-Frames come from ``gymnasium`` + ``ale_py`` directly (210x160 RGB, the original screen).
+Frames come from ``ale_py`` (210x160 RGB, the original screen, 4 emulator frames per
+step as in the ``ALE/<Game>-v5`` environments).
 The split is by episode *and* by pixels: a frame is in a split only if both its episode's
 ``(game, episode seed)`` key and its own pixels hash to that split. So a held-out frame
 never shares an episode with a training frame, and never equals one either (episodes of a
@@ -10,6 +11,8 @@ game do pass through identical screens, e.g. before a serve). Nothing is written
 from __future__ import annotations
 
 import hashlib
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -48,68 +51,83 @@ def pixels_digest(pixels: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class FrameSampling:
-    """How frames are drawn from random-policy episodes."""
+    """How frames are drawn from random-policy episodes (steps are ``FRAME_SKIP`` emulator frames, as in v5)."""
 
-    frames_per_episode: int = 8
+    frames_per_episode: int = 16
     # random steps before the first kept frame; the minimum skips the start screens that
     # every episode of a game shares
     min_warmup_steps: int = 30
     max_warmup_steps: int = 150
-    min_stride: int = 4  # env steps between kept frames (each step is 4 emulator frames in v5)
-    max_stride: int = 16
+    min_stride: int = 3  # steps between sampled frames
+    max_stride: int = 10
+    max_episode_steps: int = 5_000
 
 
-def make_env(game: str):
-    """``ALE/<game>-v5`` with RGB observations and no sticky actions, or an IloraError naming the game.
+FRAME_SKIP = 4  # emulator frames per agent step, as in the ALE v5 environments
 
-    Without sticky actions an episode is (almost: a few games keep state across resets)
-    a function of its action sequence, which is what the split hashes.
+
+def rom_name(game: str) -> str:
+    """ALE's ROM name of a v5 game id: ``SpaceInvaders`` -> ``space_invaders``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower()
+
+
+def make_emulator(game: str, seed: int):
+    """A seeded ALE emulator of ``game`` without sticky actions, or an IloraError naming the game.
+
+    ALE is used directly rather than through ``gym.make``: the gym env loads the ROM twice
+    to honour a seed (~0.1 s each), and renders every step. Without sticky actions an
+    episode is (almost: a few games keep state across resets) a function of its actions.
     """
     import ale_py
-    import gymnasium as gym
+    from ale_py import roms
 
-    gym.register_envs(ale_py)
-    try:
-        return gym.make(f"ALE/{game}-v5", repeat_action_probability=0.0)
-    except gym.error.Error as err:
-        raise IloraError(f"game {game!r}: not an ALE game id ({err})") from err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_rom_path warns and returns None for unknown names
+        path = roms.get_rom_path(rom_name(game))
+    if path is None:
+        raise IloraError(f"game {game!r}: not an ALE game (use v5 ids such as 'Pong', 'SpaceInvaders')")
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
+    ale = ale_py.ALEInterface()
+    ale.setInt("random_seed", seed)
+    ale.setFloat("repeat_action_probability", 0.0)
+    ale.loadROM(path)
+    return ale
 
 
 def episode_frames(game: str, seed: int, split: Split, sampling: FrameSampling) -> Iterator[AtariFrame]:
-    """An endless stream of frames of ``game`` from random-policy episodes whose key falls in ``split``.
+    """An endless stream of frames of ``game`` from random-policy episodes in ``split``.
 
     Each episode's actions come from its own ``episode_seed``, the episode's split key;
     a sampled frame is kept only if its pixels hash to ``split`` too.
-    The emulator is seeded once per stream (a seeded reset reloads the ROM, ~0.1 s) and
-    later episodes start with a plain reset (~5 ms).
     """
     stream = family_rng(seed, "atari", game)
-    env = make_env(game)
-    try:
-        env.reset(seed=int(stream.integers(2**31)))
-        n_actions = env.action_space.n
-        while True:
-            episode_seed = int(stream.integers(2**63))
-            if split_of(content_key(("atari", game, episode_seed))) != split:
+    ale = make_emulator(game, int(stream.integers(2**31)))
+    action_set = ale.getMinimalActionSet()
+    while True:
+        episode_seed = int(stream.integers(2**63))
+        if split_of(content_key(("atari", game, episode_seed))) != split:
+            continue
+        actions = np.random.default_rng(episode_seed)
+        ale.reset_game()
+        steps_to_next = int(actions.integers(sampling.min_warmup_steps, sampling.max_warmup_steps + 1))
+        kept = 0
+        for step in range(1, sampling.max_episode_steps + 1):
+            action = action_set[actions.integers(len(action_set))]
+            for _ in range(FRAME_SKIP):
+                ale.act(action)
+            if ale.game_over():
+                break
+            steps_to_next -= 1
+            if steps_to_next > 0:
                 continue
-            actions = np.random.default_rng(episode_seed)
-            env.reset()
-            steps_to_next = int(actions.integers(sampling.min_warmup_steps, sampling.max_warmup_steps + 1))
-            step = kept = 0
-            while kept < sampling.frames_per_episode:
-                obs, _, terminated, truncated, _ = env.step(int(actions.integers(n_actions)))
-                step += 1
-                if terminated or truncated:
+            steps_to_next = int(actions.integers(sampling.min_stride, sampling.max_stride + 1))
+            pixels = ale.getScreenRGB()
+            digest = pixels_digest(pixels)
+            if split_of(content_key(("atari_frame", game, digest))) == split:
+                yield AtariFrame(game, episode_seed, step, pixels, digest)
+                kept += 1
+                if kept == sampling.frames_per_episode:
                     break
-                steps_to_next -= 1
-                if steps_to_next == 0:
-                    digest = pixels_digest(obs)
-                    if split_of(content_key(("atari_frame", game, digest))) == split:
-                        yield AtariFrame(game, episode_seed, step, obs, digest)
-                        kept += 1
-                    steps_to_next = int(actions.integers(sampling.min_stride, sampling.max_stride + 1))
-    finally:
-        env.close()
 
 
 def interleaved_frames(

@@ -43,11 +43,15 @@ MAX_CONSECUTIVE_MISSES = 10_000
 class GeneralDataConfig:
     """What the general-data generator draws (the row count, seed and split are call arguments)."""
 
-    families: list[str] = field(default_factory=lambda: list(ALL_FAMILIES), help="question families to mix, equally often")
+    families: list[str] = field(
+        default_factory=lambda: list(ALL_FAMILIES), help="question families to mix, equally often"
+    )
     image_size: int = field(96, help="side of the square scene images in pixels (Atari frames stay 210x160)")
     max_objects: int = field(6, help="most shapes in one scene (1..16)")
-    games: list[str] = field(default_factory=lambda: list(DEFAULT_GAMES), help="ALE games whose frames the Atari families show")
-    frames_per_episode: int = field(8, help="Atari frames kept per random-policy episode")
+    games: list[str] = field(
+        default_factory=lambda: list(DEFAULT_GAMES), help="ALE games whose frames the Atari families show"
+    )
+    frames_per_episode: int = field(16, help="Atari frames kept per random-policy episode")
 
 
 @dataclass(frozen=True)
