@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ilora.errors import IloraError
 from ilora.general import (
@@ -18,6 +19,7 @@ from ilora.general import (
     rows_to_dataset,
     split_words,
 )
+from ilora.general.preview import TILE_HEIGHT, save_contact_sheet
 from ilora.general.scenes import (
     BACKGROUND,
     COLORS,
@@ -242,3 +244,10 @@ def test_exhausted_question_space_is_an_error_not_a_hang():
     cfg = GeneralDataConfig(families=["color"], max_objects=1)
     with pytest.raises(IloraError, match="distinct"):
         generate_examples(400, seed=0, config=cfg)
+
+
+def test_contact_sheet_is_written_atomically(tmp_path, mixed_rows):
+    out = save_contact_sheet(mixed_rows[:6], tmp_path / "sheet.png", columns=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["sheet.png"]
+    with Image.open(out) as sheet:
+        assert sheet.mode == "RGB" and sheet.height > 2 * TILE_HEIGHT
