@@ -269,3 +269,27 @@ def run_episode(
             truncated = True
             break
     return Episode(score, steps, length, truncated)
+
+
+# Two-sided 97.5% Student-t quantiles for small samples (df = n - 1); the normal 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% confidence interval (Student t; 0 for a single value).
+
+    Args:
+        values: Per-episode scores.
+
+    Returns:
+        ``(mean, half_width)``.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise IloraError("mean_ci95: no values")
+    if x.size == 1:
+        return float(x[0]), 0.0
+    t = _T975[x.size - 2] if x.size - 2 < len(_T975) else 1.96
+    return float(x.mean()), float(t * x.std(ddof=1) / np.sqrt(x.size))

@@ -1,0 +1,113 @@
+"""Atari commands: ``ilora experts`` (score table of the scripted experts), ``ilora collect``.
+
+Each command is one ``_add_<name>(subparsers)`` function listed in ``COMMANDS``; adding a
+command means writing one such function and listing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _experts(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ilora.atari.envs import TwoFrameEnv
+    from ilora.atari.experts import EXPERTS, RandomPolicy, get_expert, mean_ci95, run_episode
+    from ilora.atari.games import parse_games
+
+    games = parse_games(args.games) if args.games else parse_games(sorted(EXPERTS))
+    header = f"{'game':<10} {'expert mean':>12} {'95% CI':>8} {'measured random':>16} {'random ref':>11} {'human ref':>10} {'HNS':>6}"
+    rows = []
+    for game in games:
+        expert = get_expert(game)  # fails early, listing the games that have one
+        env = TwoFrameEnv(game, repeat_action_probability=args.sticky)
+        seeds = range(args.seed, args.seed + args.episodes)
+        bar = tqdm(seeds, desc=f"{game.name} expert", unit="episode", leave=False)
+        scores = [run_episode(expert, env, s, max_steps=args.max_steps).score for s in bar]
+        random_scores = []
+        if args.random_episodes:
+            policy = RandomPolicy(env.action_names, seed=args.seed)
+            random_seeds = range(args.seed, args.seed + args.random_episodes)
+            random_scores = [run_episode(policy, env, s, max_steps=args.max_steps).score for s in random_seeds]
+        env.close()
+        mean, half = mean_ci95(scores)
+        measured = f"{mean_ci95(random_scores)[0]:.1f}" if random_scores else "-"
+        rows.append(
+            f"{game.name:<10} {mean:>12.1f} {half:>8.1f} {measured:>16} {game.random_score:>11.1f} "
+            f"{game.human_score:>10.1f} {game.human_normalized(mean):>6.2f}"
+        )
+    cap = "none (env cap 108,000 frames)" if args.max_steps is None else f"{args.max_steps} agent steps"
+    print(f"episodes={args.episodes} seeds={args.seed}..{args.seed + args.episodes - 1} "
+          f"sticky={args.sticky} cap={cap}; HNS = human-normalised expert mean")
+    print(header)
+    print("\n".join(rows))
+    return 0
+
+
+def _add_experts(sub) -> None:
+    p = sub.add_parser("experts", help="score the scripted RAM experts: mean, 95%% CI, random and human references.")
+    p.add_argument("--games", default=None, help="Comma-separated games (default: all with a scripted expert).")
+    p.add_argument("--episodes", type=int, default=10, help="Episodes per game (default 10).")
+    p.add_argument("--seed", type=int, default=0, help="First episode seed (default 0).")
+    p.add_argument("--max-steps", type=int, default=None, help="Agent-step cap per episode (default: none).")
+    p.add_argument("--random-episodes", type=int, default=0, help="Also measure a random policy over this many episodes.")
+    p.add_argument("--sticky", type=float, default=0.25, help="repeat_action_probability (default 0.25, ALE v5).")
+    p.set_defaults(func=_experts)
+
+
+def _collect(args: argparse.Namespace) -> int:
+    import json
+
+    from ilora.atari.collect import CollectConfig, collect_to_disk
+
+    config = CollectConfig(
+        game=args.game,
+        episodes=args.episodes,
+        seed=args.seed,
+        object_text=args.object_text,
+        reasoning=args.reasoning,
+        max_steps=args.max_steps,
+        drop_first=args.drop_first,
+        drop_before_failure=args.drop_before_failure,
+        rare_repeat=args.rare_repeat,
+        repeat_action_probability=args.sticky,
+    )
+    summary = collect_to_disk(config, args.out)
+    print(json.dumps({k: summary[k] for k in ("game", "episodes", "mean_score", "rows", "removed_steps", "row_actions")}))
+    print(f"dataset: {args.out}/dataset (datasets.load_from_disk)")
+    return 0
+
+
+def _add_collect(sub) -> None:
+    from ilora.atari.collect import CollectConfig
+
+    d = CollectConfig()
+    p = sub.add_parser("collect", help="play the scripted expert and write a two-frame prompt/answer dataset.")
+    p.add_argument("--game", required=True, help="Game name, e.g. Pong.")
+    p.add_argument("--episodes", type=int, required=True, help="Number of episodes.")
+    p.add_argument("--out", required=True, help="Output folder (resumable: finished episodes are kept).")
+    p.add_argument("--seed", type=int, default=d.seed, help="Episode i uses seed + i (default %(default)s).")
+    p.add_argument("--object-text", action=argparse.BooleanOptionalAction, default=d.object_text,
+                   help="Object-state text from the RAM in the prompt (default on).")
+    p.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=d.reasoning,
+                   help="Reasoning answers (default); --no-reasoning gives direct 'Action: NAME' answers.")
+    p.add_argument("--direct", dest="reasoning", action="store_false", help="Same as --no-reasoning.")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="Agent-step cap per episode.")
+    p.add_argument("--drop-first", type=int, default=d.drop_first, help="Opening steps removed (default %(default)s).")
+    p.add_argument("--drop-before-failure", type=int, default=d.drop_before_failure,
+                   help="Steps removed before each lost life/point (default %(default)s).")
+    p.add_argument("--rare-repeat", type=int, default=d.rare_repeat,
+                   help="Write rows of rare actions (e.g. Breakout FIRE) this many times (default %(default)s).")
+    p.add_argument("--sticky", type=float, default=d.repeat_action_probability,
+                   help="repeat_action_probability (default %(default)s).")
+    p.set_defaults(func=_collect)
+
+
+COMMANDS = (_add_collect, _add_experts)
+
+
+def register(subparsers) -> None:
+    """Add the Atari commands to the ``ilora`` parser."""
+    for add in COMMANDS:
+        add(subparsers)
