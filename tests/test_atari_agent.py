@@ -61,7 +61,7 @@ def _trace(agent, n_envs, **kw):
         n_episodes=3,
         seed=11,
         n_envs=n_envs,
-        max_frames=240,
+        max_frames=120,
         progress=False,
         on_step=lambda e: steps.append((e.episode, e.step, e.decision.action, e.valid, e.decision.reasoning)),
         **kw,
@@ -85,7 +85,7 @@ def test_batched_agent_acts_like_unbatched_on_real_env(tiny_vlm):
     assert all(s[4] in INVALID_ANSWERS for s in invalid)
     assert sum(r.invalid_answers for r in batched.records) == len(invalid)
     assert len({s[2] for s in batched_steps if s[3]}) > 2  # the stand-in really varies its answers
-    assert all(r.capped and r.length == 60 and r.frames == 240 for r in batched.records)
+    assert all(r.capped and r.length == 30 and r.frames == 120 for r in batched.records)
 
 
 def test_never_parsing_model_is_reported_not_crashed(tiny_vlm):
@@ -119,14 +119,13 @@ def _observations(n: int, game: str = "Pong") -> list:
 def test_score_mode_is_the_exact_answer_likelihood_under_left_padding(tiny_vlm):
     model, processor = tiny_vlm
     agent = VLMAgent(model, processor, "Pong", mode="score", object_text=True)
-    rows = agent.rows(_observations(3))
-    for i, row in enumerate(rows):  # prompts of different lengths: real left padding
-        row["prompt"] += " Hurry." * (3 * i)
+    rows = agent.rows(_observations(2))
+    rows[1]["prompt"] += " Hurry." * 5  # prompts of different lengths: real left padding
     batch = encode_rows(processor, rows, with_answer=False, padding_side="left")
     assert (batch["attention_mask"][:, 0] == 0).any()
     with torch.inference_mode():
         scores = agent.score_actions(batch)
-    assert scores.shape == (3, len(agent.action_names)) and scores.dtype == torch.float32
+    assert scores.shape == (2, len(agent.action_names)) and scores.dtype == torch.float32
 
     # Reference: each (prompt, answer) alone, one unpadded teacher-forced forward pass.
     reference = torch.zeros_like(scores)
@@ -161,11 +160,11 @@ def _force_answer(model, token_chain, strength=40.0):
 def test_score_mode_equals_greedy_direct_answer_when_confident(tiny_vlm):
     model, processor = tiny_vlm
     tok = processor.tokenizer
-    observations = _observations(3)
+    observations = _observations(2)
     scorer = VLMAgent(model, processor, "Pong", mode="score", object_text=True)
-    greedy = VLMAgent(model, processor, "Pong", mode="generate", reasoning=False, object_text=True, max_new_tokens=12)
+    greedy = VLMAgent(model, processor, "Pong", mode="generate", reasoning=False, object_text=True, max_new_tokens=8)
     last_prompt_token = encode_rows(processor, scorer.rows(observations[:1]), with_answer=False)["input_ids"][0, -1]
-    for name in ("NOOP", "RIGHTFIRE", "LEFT"):
+    for name in ("RIGHTFIRE", "LEFT"):
         answer = tok(build_answer(None, name) + tok.eos_token, add_special_tokens=False)["input_ids"]
         chain = [int(last_prompt_token), *answer]
         assert len(set(chain)) == len(chain)
@@ -175,24 +174,8 @@ def test_score_mode_equals_greedy_direct_answer_when_confident(tiny_vlm):
             scored = scorer.act_batch(observations)
         finally:
             handle.remove()
-        assert [d.action for d in generated] == [name] * 3 and all(d.valid for d in generated)
+        assert [d.action for d in generated] == [name] * 2 and all(d.valid for d in generated)
         assert [d.action for d in scored] == [d.action for d in generated]
-
-
-def test_greedy_and_score_agree_whenever_greedy_is_confident(tiny_vlm):
-    # On the untrained model: wherever greedy's direct answer is valid with probability > 1/2,
-    # no other answer can be more likely, so score mode must pick it.
-    model, processor = tiny_vlm
-    observations = _observations(4)
-    scorer = VLMAgent(model, processor, "Pong", mode="score")
-    greedy = VLMAgent(model, processor, "Pong", mode="generate", reasoning=False, max_new_tokens=12)
-    with torch.inference_mode():
-        probs = scorer.score_actions(scorer._encode(observations)).exp()
-    picks = scorer.act_batch(observations)
-    for p, pick, g in zip(probs, picks, greedy.act_batch(observations)):
-        assert pick.action == scorer.action_names[int(p.argmax())]
-        if g.valid and p[scorer.action_names.index(g.action)] > 0.5:
-            assert pick.action == g.action
 
 
 def test_left_padded_positions():

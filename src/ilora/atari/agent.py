@@ -274,3 +274,32 @@ class VLMAgent:
         logp = torch.log_softmax(rest.logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return scores + (logp * target_mask).sum(-1).view(n_rows, n_cands)
 
+
+
+def load_agent(
+    model: str,
+    game: Game | str,
+    *,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    **agent_options,
+) -> VLMAgent:
+    """A :class:`VLMAgent` for a model folder (or hub id), optionally with a PEFT adapter.
+
+    The adapter is merged into the weights in memory (``merge_and_unload``): the same function,
+    without the per-layer adapter overhead at every step. ``agent_options`` go to :class:`VLMAgent`.
+    """
+    from ilora.models.load import load_vlm
+
+    game = get_game(game)  # fail on a bad game name before loading anything
+    vlm, processor = load_vlm(model, dtype, device)
+    if adapter is not None:
+        from pathlib import Path
+
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise IloraError(f"{adapter}: no adapter_config.json, not a PEFT adapter folder")
+        vlm = PeftModel.from_pretrained(vlm, adapter).merge_and_unload().eval()
+    return VLMAgent(vlm, processor, game, **agent_options)

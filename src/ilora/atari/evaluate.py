@@ -17,11 +17,14 @@ policy — so their numbers are comparable by construction:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -376,6 +379,22 @@ def summarize(records: Sequence[EpisodeRecord], game: Game | str) -> Summary:
         random_score=game.random_score,
         human_score=game.human_score,
     )
+
+
+def save_result(path: str | os.PathLike, result: PlayResult, summary: Summary) -> Path:
+    """Write the summary, the run's settings, its errors and every episode record as JSON (atomically)."""
+    path = Path(path)
+    payload = {
+        "summary": summary.to_dict(),
+        "settings": result.settings,
+        "errors": result.errors,
+        "records": [dataclasses.asdict(r) for r in result.records],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+    return path
 
 
 def format_summary(summary: Summary, settings: dict | None = None) -> str:

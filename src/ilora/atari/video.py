@@ -92,6 +92,24 @@ def render_step(step: VideoStep, game: str, font=None) -> np.ndarray:
     return np.asarray(canvas)
 
 
+def check_video_path(path: str | os.PathLike) -> Path:
+    """Refuse a video path this module cannot write, before anything is played.
+
+    Raises:
+        IloraError: The suffix is not ``.gif``/``.mp4``, or MP4 is asked without ``imageio-ffmpeg``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise IloraError(f"{path}: video must end in {' or '.join(VIDEO_SUFFIXES)}")
+    if suffix == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError as err:
+            raise IloraError(f"{path}: writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); .gif works without") from err
+    return path
+
+
 def save_video(steps: list[VideoStep], path: str | os.PathLike, game: str, fps: int = 15) -> Path:
     """Write the recorded steps as a GIF or MP4 (chosen by the suffix), atomically.
 
@@ -109,17 +127,10 @@ def save_video(steps: list[VideoStep], path: str | os.PathLike, game: str, fps: 
     """
     import imageio.v3 as iio
 
-    path = Path(path)
+    path = check_video_path(path)
     suffix = path.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise IloraError(f"{path}: video must end in {' or '.join(VIDEO_SUFFIXES)}")
     if not steps:
         raise IloraError(f"{path}: no step was recorded, nothing to write")
-    if suffix == ".mp4":
-        try:
-            import imageio_ffmpeg  # noqa: F401
-        except ImportError as err:
-            raise IloraError(f"{path}: writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); .gif works without") from err
     frames = np.stack([render_step(s, game) for s in steps])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial{suffix}")
