@@ -120,6 +120,7 @@ class VLMAgent:
         self.action_names: tuple[str, ...] = self.game.action_names
         self.noop = noop_action(self.action_names)
         self.model_seconds = 0.0  # time spent encoding + in the model, for the benchmark
+        self.source: dict = {}  # where the weights came from (model, adapter), for the result files
         if mode == "score":
             self._prefix_ids, self._suffix_ids, self._suffix_mask = self._candidate_tokens()
 
@@ -128,6 +129,7 @@ class VLMAgent:
         """What this agent is, for the result files (which prompt variant a score came from)."""
         return {
             "policy": "vlm",
+            **self.source,
             "mode": self.mode,
             "reasoning": self.reasoning,
             "object_text": self.object_text,
@@ -302,4 +304,6 @@ def load_agent(
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise IloraError(f"{adapter}: no adapter_config.json, not a PEFT adapter folder")
         vlm = PeftModel.from_pretrained(vlm, adapter).merge_and_unload().eval()
-    return VLMAgent(vlm, processor, game, **agent_options)
+    agent = VLMAgent(vlm, processor, game, **agent_options)
+    agent.source = {"model": str(model), "adapter": None if adapter is None else str(adapter), "dtype": str(dtype)}
+    return agent

@@ -1,4 +1,4 @@
-"""Atari commands: ``ilora experts`` (score table of the scripted experts), ``ilora collect``.
+"""Atari commands: ``ilora experts`` (score table of the scripted experts), ``ilora collect``, ``ilora play``.
 
 Each command is one ``_add_<name>(subparsers)`` function listed in ``COMMANDS``; adding a
 command means writing one such function and listing it.
@@ -104,7 +104,70 @@ def _add_collect(sub) -> None:
     p.set_defaults(func=_collect)
 
 
-COMMANDS = (_add_collect, _add_experts)
+def _play(args: argparse.Namespace) -> int:
+    from ilora.atari.agent import load_agent
+    from ilora.atari.evaluate import format_summary, play_episodes, save_result, summarize
+    from ilora.atari.video import EpisodeRecorder, check_video_path, save_video
+    from ilora.errors import IloraError
+
+    if args.video:
+        check_video_path(args.video)
+    agent = load_agent(
+        args.model, args.game, adapter=args.adapter, dtype=args.dtype, device=args.device, mode=args.mode,
+        reasoning=args.reasoning, object_text=args.object_text, max_new_tokens=args.max_new_tokens,
+    )
+    recorder = EpisodeRecorder(episode=0, max_steps=args.video_steps) if args.video else None
+    result = play_episodes(
+        agent, agent.game, args.episodes, args.seed, n_envs=args.envs, max_frames=args.max_frames,
+        fire_on_reset=args.fire_on_reset, blank_frames=args.blank_frames, on_step=recorder,
+    )
+    for error in result.errors:
+        print(f"emulator error (finished episodes kept): {error}")
+    if not result.records:
+        raise IloraError(f"{agent.game.name}: no episode finished ({len(result.errors)} emulator error(s))")
+    summary = summarize(result.records, agent.game)
+    print(format_summary(summary, result.settings))
+    if recorder is not None and recorder.steps:
+        print(f"video: {save_video(recorder.steps, args.video, agent.game.name)} (episode 0, {len(recorder.steps)} steps)")
+    elif recorder is not None:
+        print("video: not written, episode 0 did not run (see the errors above)")
+    if args.json:
+        print(f"results: {save_result(args.json, result, summary)}")
+    return 0
+
+
+def _add_play(sub) -> None:
+    from ilora.atari.games import DEFAULT_MAX_EPISODE_FRAMES
+
+    p = sub.add_parser("play", help="a VLM (or merged model / adapter) plays a game; prints score, CI, HNS.")
+    p.add_argument("--model", required=True, help="Model folder or hub id (the default model, a merged model...).")
+    p.add_argument("--adapter", default=None, help="A PEFT adapter folder, merged into the model in memory.")
+    p.add_argument("--game", required=True, help="Game name, e.g. Pong.")
+    p.add_argument("--episodes", type=int, default=10, help="Episodes to play (default %(default)s).")
+    p.add_argument("--envs", type=int, default=8, help="Environments answered in one batched model call (default %(default)s).")
+    p.add_argument("--mode", choices=("score", "generate"), default="score",
+                   help="score: rank the action names in one forward pass (direct answers); "
+                        "generate: greedy decoding, parsed (default %(default)s).")
+    p.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=None,
+                   help="Ask for reasoning before the action (generate mode; default on there, off in score mode).")
+    p.add_argument("--object-text", action=argparse.BooleanOptionalAction, default=False,
+                   help="Put the RAM object-state text in the prompt (default off: pixels only).")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="Generation budget per step (default %(default)s).")
+    p.add_argument("--max-frames", type=int, default=DEFAULT_MAX_EPISODE_FRAMES,
+                   help="Episode cap in emulator frames (default %(default)s = 30 minutes).")
+    p.add_argument("--fire-on-reset", action="store_true",
+                   help="Press FIRE automatically after a reset and each lost life (reported with the score).")
+    p.add_argument("--blank-frames", action="store_true", help="Black out both frames (does the model read the images?).")
+    p.add_argument("--seed", type=int, default=0, help="Episode i uses seed + i (default %(default)s).")
+    p.add_argument("--video", default=None, help="Save episode 0 as .gif or .mp4 with the model's answer beside the frame.")
+    p.add_argument("--video-steps", type=int, default=1000, help="Steps of episode 0 put in the video (default %(default)s).")
+    p.add_argument("--json", default=None, help="Also write the summary, settings and per-episode records here.")
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16, float16, auto.")
+    p.add_argument("--device", default="cpu", help="Torch device (default %(default)s).")
+    p.set_defaults(func=_play)
+
+
+COMMANDS = (_add_collect, _add_experts, _add_play)
 
 
 def register(subparsers) -> None:

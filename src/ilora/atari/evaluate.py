@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ilora.atari.envs import Observation, TwoFrameEnv
-from ilora.atari.experts import Decision, Policy, reset_policy, to_decision
+from ilora.atari.experts import Decision, Policy, mean_ci95, reset_policy, to_decision
 from ilora.atari.games import (
     DEFAULT_FRAME_SKIP,
     DEFAULT_MAX_EPISODE_FRAMES,
@@ -38,8 +38,6 @@ from ilora.atari.games import (
     get_game,
 )
 from ilora.errors import IloraError
-
-CONFIDENCE = 0.95
 
 
 @dataclass
@@ -293,7 +291,8 @@ class Summary:
     """The reported numbers for one game and one policy.
 
     ``ci_low``/``ci_high``: 95% Student-t interval of the mean score, ``mean ± t(0.975, n-1)·s/√n``
-    (NaN with fewer than two episodes, or zero width when every episode scored the same).
+    (:func:`ilora.atari.experts.mean_ci95`, the same interval the expert table reports; zero
+    width for a single episode, so read it with ``episodes``).
     ``mean_zero_rule``: the mean when episodes that produced no valid answer or hit the frame
     cap count 0 (the paper's rule); ``hns``/``hns_zero_rule``: their human-normalised values.
     """
@@ -322,25 +321,6 @@ class Summary:
         return dataclasses.asdict(self)
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Student-t confidence interval of the mean of ``values``.
-
-    Args:
-        values: Per-episode scores (treated as i.i.d.).
-        confidence: Two-sided coverage.
-
-    Returns:
-        ``(low, high)``; ``(nan, nan)`` for fewer than two values.
-    """
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    if x.size < 2:
-        return math.nan, math.nan
-    half = stats.t.ppf(0.5 + confidence / 2, df=x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean() - half), float(x.mean() + half)
-
-
 def summarize(records: Sequence[EpisodeRecord], game: Game | str) -> Summary:
     """The reported numbers for a run's records (see :class:`Summary`).
 
@@ -357,16 +337,16 @@ def summarize(records: Sequence[EpisodeRecord], game: Game | str) -> Summary:
     counts: Counter = Counter()
     for r in records:
         counts.update(r.action_counts)
-    low, high = t_interval(scores)
+    mean, half = mean_ci95(scores)
     return Summary(
         game=game.name,
         episodes=len(records),
-        mean=float(scores.mean()),
+        mean=mean,
         std=float(scores.std(ddof=1)) if len(scores) > 1 else math.nan,
-        ci_low=low,
-        ci_high=high,
+        ci_low=mean - half,
+        ci_high=mean + half,
         median=float(np.median(scores)),
-        hns=game.human_normalized(float(scores.mean())),
+        hns=game.human_normalized(mean),
         mean_zero_rule=float(zeroed.mean()),
         hns_zero_rule=game.human_normalized(float(zeroed.mean())),
         zero_rule_episodes=sum(r.counts_zero for r in records),
@@ -415,6 +395,6 @@ def format_summary(summary: Summary, settings: dict | None = None) -> str:
     if s.never_parsed:
         lines.append("WARNING              no answer named a valid action: every step was played as NOOP")
     if settings:
-        shown = ("policy", "mode", "reasoning", "object_text", "fire_on_reset", "blank_frames", "max_frames", "seed")
+        shown = ("policy", "model", "adapter", "mode", "reasoning", "object_text", "fire_on_reset", "blank_frames", "max_frames", "seed")
         lines.append("settings             " + ", ".join(f"{k}={settings[k]}" for k in shown if k in settings))
     return "\n".join(lines)
