@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -294,15 +295,13 @@ def load_agent(
     """
     from ilora.models.load import load_vlm
 
-    game = get_game(game)  # fail on a bad game name before loading anything
+    game = get_game(game)  # fail on bad input before loading anything
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise IloraError(f"{adapter}: no adapter_config.json, not a PEFT adapter folder")
     vlm, processor = load_vlm(model, dtype, device)
     if adapter is not None:
-        from pathlib import Path
-
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise IloraError(f"{adapter}: no adapter_config.json, not a PEFT adapter folder")
         vlm = PeftModel.from_pretrained(vlm, adapter).merge_and_unload().eval()
     agent = VLMAgent(vlm, processor, game, **agent_options)
     agent.source = {"model": str(model), "adapter": None if adapter is None else str(adapter), "dtype": str(dtype)}
