@@ -291,3 +291,17 @@ def test_cli_collect_and_bad_game(tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(IloraError, match="no scripted expert for Alien"):
         _atari_cli(["experts", "--games", "Alien", "--episodes", "1"])
+
+
+def test_prompt_vocabulary_covers_prompts_and_every_relation_sentence():
+    from ilora.atari.prompts import prompt_vocabulary
+    from ilora.atari.ram import BOXING_VERTICAL
+
+    texts = prompt_vocabulary(samples_per_game=150)
+    assert texts == prompt_vocabulary(samples_per_game=150)
+    joined = "\n".join(texts)
+    for game in GAMES:
+        assert f"the Atari game {game}." in joined
+    for sentence in ["ball is above your paddle", "ball is left of the paddle", "no ball in play",
+                     "the chicken's next lane is clear", *BOXING_VERTICAL.values()]:
+        assert sentence in joined, sentence

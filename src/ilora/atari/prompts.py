@@ -120,3 +120,31 @@ def parse_action(text: str, action_names: tuple[str, ...] | list[str]) -> str | 
     if match is None or match.group(1) not in action_names:
         return None
     return match.group(1)
+
+
+def prompt_vocabulary(samples_per_game: int = 200, seed: int = 0) -> list[str]:
+    """Texts covering the benchmark's words, for training a tokenizer.
+
+    Every catalogued game's prompt (reasoning and direct), and for the games with a RAM reader the
+    object-state text and the scripted expert's answers on ``samples_per_game`` random console RAMs
+    (enough to reach every relation word). Deterministic under ``seed``; needs no emulator steps.
+    """
+    import numpy as np
+
+    from ilora.atari.experts import EXPERTS
+    from ilora.atari.games import GAMES
+    from ilora.atari.ram import object_facts
+
+    rng = np.random.default_rng(seed)
+    texts: list[str] = []
+    for game in GAMES.values():
+        texts += [build_prompt(game, reasoning=True), build_prompt(game, reasoning=False)]
+        texts += [build_answer(None, name) for name in game.action_names]
+    for name, make_expert in sorted(EXPERTS.items()):
+        expert = make_expert()
+        for _ in range(samples_per_game):
+            before, now = rng.integers(0, 256, size=(2, 128), dtype=np.uint8)
+            facts = object_facts(name, before, now)
+            decision = expert.act(facts)
+            texts += [facts.text(), build_answer(decision.reasoning, decision.action)]
+    return texts
