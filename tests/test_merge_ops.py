@@ -63,7 +63,7 @@ def test_kept_count_examples():
     assert [ops.kept_count(r, 0.8) for r in (1, 5, 8, 10, 128)] == [1, 4, 7, 8, 103]
 
 
-@pytest.mark.parametrize("threshold_index", [3, 40, 90])
+@pytest.mark.parametrize("threshold_index", [3, 20, 45])
 def test_truncated_svd_agrees_with_exact(threshold_index):
     s_true = torch.logspace(1, -3, 150)
     matrix = spectrum_matrix(400, 300, s_true, seed=threshold_index)

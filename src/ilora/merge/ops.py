@@ -25,6 +25,30 @@ def lora_delta(lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float) -> torc
     return (lora_B.float() @ lora_A.float()).mul_(scale)
 
 
+def thin_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall matrix by CholeskyQR2 (two Gram-Cholesky passes, float64 Grams).
+
+    Matmul-bound, hence several times faster than Householder QR for ``n x k`` with
+    ``k << n``; falls back to Householder QR when ``x`` is (numerically) rank deficient.
+
+    Args:
+        x: ``n x k`` float32 matrix, ``n >= k``.
+
+    Returns:
+        ``(Q, R)``: ``Q`` ``n x k`` with orthonormal columns, ``R`` ``k x k`` upper triangular.
+    """
+    q, r = x, torch.eye(x.shape[1], dtype=torch.float64)
+    for _ in range(2):
+        lower, info = torch.linalg.cholesky_ex((q.T @ q).double())
+        if int(info) != 0:
+            return torch.linalg.qr(x)
+        q = torch.linalg.solve_triangular(lower.T.to(x.dtype), q, upper=True, left=False)  # q ← q L⁻ᵀ
+        r = lower.T @ r
+    if not bool(torch.isfinite(q).all()):
+        return torch.linalg.qr(x)
+    return q, r.to(x.dtype)
+
+
 def factorized_svd(
     lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,8 +67,8 @@ def factorized_svd(
         ``(U, S, Vh)`` with ``U: out x k``, ``S: k`` (descending, >= 0), ``Vh: k x in``,
         ``k = min(out, in, r)`` (``k = r`` for every real LoRA).
     """
-    q_b, r_b = torch.linalg.qr(lora_B.float())
-    q_a, r_a = torch.linalg.qr(lora_A.float().T)
+    q_b, r_b = thin_qr(lora_B.float())
+    q_a, r_a = thin_qr(lora_A.float().T)
     core_u, s, core_vh = torch.linalg.svd(scale * (r_b @ r_a.T), full_matrices=False)
     return q_b @ core_u, s, core_vh @ q_a.T
 
@@ -68,8 +92,16 @@ def low_rank_product(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torc
     return (u * s) @ vh
 
 
-def _orthonormal_columns(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x).Q
+def _ritz_triplets(basis: torch.Tensor, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rayleigh-Ritz on ``span(basis)``: the SVD of ``basisᵀ M`` via the eigh of its ``q x q`` Gram."""
+    projected = basis.T @ matrix  # q x in
+    eigenvalues, vectors = torch.linalg.eigh(projected.double() @ projected.double().T)
+    eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
+    s = eigenvalues.sqrt()
+    # Directions with σ at rounding level carry no information: zero them rather than divide by ~0.
+    informative = s > s[0] * 1e-7
+    vh = (vectors.T @ projected.double()) / torch.where(informative, s, 1.0)[:, None] * informative[:, None]
+    return basis @ vectors.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
 def leading_singular_triplets(
@@ -86,19 +118,21 @@ def leading_singular_triplets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The leading singular triplets of ``matrix``: those above ``threshold``, or the top ``count``.
 
-    Randomised subspace iteration with Rayleigh-Ritz: a block of ``q = k + oversample``
-    vectors is iterated until the wanted Ritz triplets (for a threshold, also the first one
-    below it) have residual ``‖M v - σ u‖ <= tol · σ_1``. If the block fills up with values
-    above the threshold, ``k`` doubles and the search restarts wider. Only when the block
-    would cover more than ``dense_fraction`` of ``min(out, in)`` does it fall back to the
-    exact dense SVD, which is then the cheaper route.
+    Randomised subspace iteration with Rayleigh-Ritz: a block of ``q = k + max(oversample,
+    k // 2)`` vectors is iterated until the wanted Ritz triplets (for a threshold, also the
+    first one below it) have residual ``‖M v - σ u‖ <= tol · σ_1``. If the wanted values
+    spill into the oversampling columns, ``k`` doubles and the block widens, keeping what it
+    has found. Only when the block would cover more than ``dense_fraction`` of
+    ``min(out, in)`` does it fall back to the exact dense SVD, then the cheaper route.
+    Orthonormalisation (CholeskyQR2) and Rayleigh-Ritz (eigh of a ``q x q`` Gram) are
+    matmul-bound, so the cost is about ``4·out·in·q`` flops per iteration.
 
     Args:
         matrix: ``out x in`` matrix (computed in float32).
         threshold: keep singular values strictly greater than this (give this or ``count``).
         count: keep exactly the ``count`` largest (capped at ``min(out, in)``).
         initial: first block size when searching by threshold.
-        oversample: extra block columns; they speed up convergence of the wanted ones.
+        oversample: least number of extra block columns (they speed up convergence).
         tol: residual tolerance relative to the largest singular value.
         max_iter: iterations before widening the block.
         dense_fraction: block-width fraction of ``min(out, in)`` that switches to dense SVD.
@@ -117,17 +151,19 @@ def leading_singular_triplets(
         return int((s > threshold).sum()) if count is None else min(count, n_min)
 
     k = max(1, initial if count is None else count)
+    image = None
     while True:
-        q = k + oversample
+        # Wider blocks converge faster on flat spectra (rate ~ σ_q / σ_k): oversample by half.
+        q = k + max(oversample, k // 2)
         if q > dense_fraction * n_min:
             u, s, vh = torch.linalg.svd(m, full_matrices=False)
             n = n_wanted(s)
             return u[:, :n], s[:n], vh[:n], n_min
-        start = torch.randn(m.shape[1], q, generator=generator, dtype=m.dtype)
-        basis = _orthonormal_columns(m @ start)
+        # Widening keeps the converged directions and adds fresh random ones.
+        fresh = m @ torch.randn(m.shape[1], q - (0 if image is None else image.shape[1]), generator=generator)
+        basis = thin_qr(fresh if image is None else torch.cat([image, fresh], dim=1))[0]
         for _ in range(max_iter):
-            u_small, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
-            u = basis @ u_small
+            u, s, vh = _ritz_triplets(basis, m)
             image = m @ vh.T  # out x q; its span is the next iterate
             wanted = n_wanted(s)
             # By threshold, the first value below it must have converged too: it proves the cut.
@@ -135,9 +171,9 @@ def leading_singular_triplets(
             residual = torch.linalg.vector_norm(image[:, :check] - u[:, :check] * s[:check], dim=0)
             if wanted < q and bool((residual <= tol * s[0].clamp_min(1e-30)).all()):
                 return u[:, :wanted], s[:wanted], vh[:wanted], q
-            if wanted >= q - oversample // 2:
-                break  # the block is full of wanted values: widen rather than iterate
-            basis = _orthonormal_columns(image)
+            if count is None and wanted >= k:
+                break  # the oversampling columns are needed for wanted values: widen
+            basis = thin_qr(image)[0]
         k *= 2
 
 
@@ -154,8 +190,11 @@ def max_magnitude(candidates: list[torch.Tensor]) -> torch.Tensor:
         A new tensor of that shape.
     """
     merged = candidates[0].clone()
+    largest = merged.abs()
     for cand in candidates[1:]:
-        merged = torch.where(cand.abs() >= merged.abs(), cand, merged)
+        magnitude = cand.abs()
+        torch.where(magnitude >= largest, cand, merged, out=merged)
+        torch.maximum(largest, magnitude, out=largest)
     return merged
 
 
