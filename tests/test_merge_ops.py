@@ -111,9 +111,20 @@ def test_max_magnitude_keeps_signs_and_is_order_free(n, rows, cols, seed):
 
 
 def test_max_magnitude_ties_go_to_later_input():
-    first, later = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-1.0, 2.0, 0.5])
-    assert torch.equal(ops.max_magnitude([first, later]), torch.tensor([-1.0, 2.0, 3.0]))
-    assert torch.equal(ops.max_magnitude([later, first]), torch.tensor([1.0, -2.0, 3.0]))
+    first, later = torch.tensor([[1.0, -2.0, 3.0]]), torch.tensor([[-1.0, 2.0, 0.5]])
+    assert torch.equal(ops.max_magnitude([first, later]), torch.tensor([[-1.0, 2.0, 3.0]]))
+    assert torch.equal(ops.max_magnitude([later, first]), torch.tensor([[1.0, -2.0, 3.0]]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 4), rows=st.integers(1, 40), cols=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_max_magnitude_of_factored_candidates_equals_dense(n, rows, cols, seed):
+    gen = torch.Generator().manual_seed(seed)
+    factors = [(torch.randn(rows, 3, generator=gen), torch.randn(3, cols, generator=gen)) for _ in range(n)]
+    dense = [left @ right for left, right in factors]
+    # Tiny blocks exercise the row-block loop; the products are the same matmuls row by row.
+    blocked = ops.max_magnitude(factors, block_bytes=4 * cols * 3)
+    torch.testing.assert_close(blocked, ops.max_magnitude(dense), atol=1e-6, rtol=1e-6)
 
 
 @settings(max_examples=20, deadline=None)

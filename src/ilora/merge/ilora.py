@@ -39,7 +39,7 @@ class ILoRAMerge(MergeMethod):
             raise IloraError(f"{merged[1]}: ilora folds adapters into one merged state at a time; got {len(merged)}")
 
     def merge_module(self, module: str, deltas: list[ModuleDelta | None]) -> tuple[torch.Tensor, dict]:
-        candidates: list[torch.Tensor] = []
+        candidates: list[ops.Candidate | None] = []  # truncations stay factored until the merge
         records: list[dict | None] = []
         taus = []
         for delta in deltas:
@@ -47,7 +47,7 @@ class ILoRAMerge(MergeMethod):
                 u, s, vh = ops.factorized_svd(delta.lora_B, delta.lora_A, delta.scale)
                 p = min(ops.kept_count(delta.rank, self.keep), len(s))
                 taus.append(float(s[p - 1]))
-                candidates.append(ops.low_rank_product(u[:, :p], s[:p], vh[:p]))
+                candidates.append((u[:, :p] * s[:p], vh[:p]))
                 records.append({"kind": "lora", "rank": delta.rank, "kept": p, "tau": taus[-1]})
             else:
                 candidates.append(None)  # truncated below, once the new adapters' τ is known
@@ -62,7 +62,7 @@ class ILoRAMerge(MergeMethod):
                 u, s, vh, width = ops.leading_singular_triplets(
                     delta.delta, threshold, tol=self.svd_tol, generator=module_generator(self.seed, module)
                 )
-                candidates[i] = ops.low_rank_product(u, s, vh)
+                candidates[i] = (u * s, vh)
                 records[i].update(kept=len(s), threshold=threshold, svd_block=width)
         merged = ops.max_magnitude([c for c in candidates if c is not None])
         return merged, {"inputs": records}

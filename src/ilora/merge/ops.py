@@ -177,24 +177,43 @@ def leading_singular_triplets(
         k *= 2
 
 
-def max_magnitude(candidates: list[torch.Tensor]) -> torch.Tensor:
+Candidate = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def max_magnitude(candidates: list[Candidate], block_bytes: int = 1 << 22) -> torch.Tensor:
     """Element-wise, the candidate value farthest from zero, sign kept (SPEC §2.4).
 
     Ties in absolute value go to the later candidate, so the result is deterministic; it is
-    independent of candidate order wherever no tie occurs.
+    independent of candidate order wherever no tie occurs. A candidate may be a dense
+    matrix or a low-rank pair ``(left, right)`` standing for ``left @ right``; the work runs
+    in row blocks of about ``block_bytes`` so that low-rank candidates are never formed
+    whole and the element-wise passes stay in cache.
 
     Args:
-        candidates: same-shape tensors, in input order.
+        candidates: same-shape ``out x in`` matrices or factor pairs, in input order.
+        block_bytes: size of one row block of one candidate.
 
     Returns:
-        A new tensor of that shape.
+        A new float32 ``out x in`` tensor.
     """
-    merged = candidates[0].clone()
-    largest = merged.abs()
-    for cand in candidates[1:]:
-        magnitude = cand.abs()
-        torch.where(magnitude >= largest, cand, merged, out=merged)
-        torch.maximum(largest, magnitude, out=largest)
+
+    def rows_of(cand: Candidate, rows: slice) -> torch.Tensor:
+        return cand[0][rows] @ cand[1] if isinstance(cand, tuple) else cand[rows]
+
+    first = candidates[0]
+    n_out, n_in = (first[0].shape[0], first[1].shape[1]) if isinstance(first, tuple) else first.shape
+    merged = torch.empty(n_out, n_in)
+    step = max(1, block_bytes // (4 * n_in))
+    for start in range(0, n_out, step):
+        rows = slice(start, start + step)
+        block = merged[rows]
+        block.copy_(rows_of(first, rows))
+        largest = block.abs()
+        for cand in candidates[1:]:
+            values = rows_of(cand, rows)
+            magnitude = values.abs()
+            torch.where(magnitude >= largest, values, block, out=block)
+            torch.maximum(largest, magnitude, out=largest)
     return merged
 
 
