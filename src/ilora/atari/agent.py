@@ -87,6 +87,8 @@ class VLMAgent:
             off in score mode, which scores direct-action answers).
         object_text: Put the RAM object-state text in the prompt (games with a RAM reader only).
         max_new_tokens: Generation budget per step in generate mode.
+        generation_options: Further ``generate`` keyword arguments (e.g. ``min_new_tokens`` to time
+            answers of a fixed length); decoding stays greedy.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class VLMAgent:
         reasoning: bool | None = None,
         object_text: bool = False,
         max_new_tokens: int = 96,
+        generation_options: dict | None = None,
     ) -> None:
         if mode not in MODES:
             raise IloraError(f"agent mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -118,6 +121,7 @@ class VLMAgent:
         self.reasoning = reasoning
         self.object_text = object_text
         self.max_new_tokens = max_new_tokens
+        self.generation_options = dict(generation_options or {})
         self.action_names: tuple[str, ...] = self.game.action_names
         self.noop = noop_action(self.action_names)
         self.model_seconds = 0.0  # time spent encoding + in the model, for the benchmark
@@ -200,6 +204,7 @@ class VLMAgent:
             do_sample=False,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            **self.generation_options,
         )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         return [text.strip() for text in tok.batch_decode(new_tokens, skip_special_tokens=True)]
