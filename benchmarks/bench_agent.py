@@ -50,7 +50,8 @@ def main() -> None:
                              "untrained model is timed like a trained one writing its reasoning")
     parser.add_argument("--object-text", action="store_true", help="object-state text in the prompt")
     parser.add_argument("--envs", type=int, default=8, help="environments of the batched run")
-    parser.add_argument("--steps", type=int, default=150, help="agent steps per environment")
+    parser.add_argument("--steps", type=int, default=200, help="agent steps per environment (the run includes creating and resetting each environment once)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared CPU, spinning threads make timings erratic)")
     args = parser.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_tiny_vlm(os.path.join(tmp, "tiny-vlm"), seed=0))
         agent = load_agent(
-            model, args.game, mode=args.mode, object_text=args.object_text, max_new_tokens=args.answer_tokens,
+            model, args.game, device=args.device, mode=args.mode, object_text=args.object_text, max_new_tokens=args.answer_tokens,
             generation_options={"min_new_tokens": args.answer_tokens} if args.mode == "generate" else None,
         )
     measure(agent, args.game, 2, 5)  # warm-up: first-call allocations, emulator ROM load
