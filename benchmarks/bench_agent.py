@@ -50,7 +50,8 @@ def main() -> None:
                              "untrained model is timed like a trained one writing its reasoning")
     parser.add_argument("--object-text", action="store_true", help="object-state text in the prompt")
     parser.add_argument("--envs", type=int, default=8, help="environments of the batched run")
-    parser.add_argument("--steps", type=int, default=200, help="agent steps per environment (the run includes creating and resetting each environment once)")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="agent steps per environment (each run also creates and resets its environments once)")
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared CPU, spinning threads make timings erratic)")
