@@ -54,6 +54,10 @@ class RoutingConfig(TrainingArguments):
     remove_unused_columns: bool = field(False, help="keep the row columns; the routing collator encodes them")
     report_to: str | list[str] = field("none", help="integrations to report to (none by default)")
     logging_steps: float = field(10, help="log the loss terms every N optimiser steps")
+    # A step runs one or two forwards depending on which routes its rows take, and the count
+    # can differ between ranks; DDP's per-forward buffer broadcast would then deadlock.
+    ddp_broadcast_buffers: bool | None = field(False, help="DDP buffer broadcast per forward (off: forwards per rank vary)")
+    ddp_find_unused_parameters: bool | None = field(False, help="every LoRA parameter is used in every step")
 
     def __post_init__(self):
         super().__post_init__()
