@@ -19,6 +19,7 @@ sees the prompt its adapter was trained on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +168,6 @@ class VLMAgent:
 
     def act_batch(self, observations: Sequence[Observation]) -> list[AgentDecision]:
         """One decision per observation, from one batched model call."""
-        import time
-
         if not observations:
             return []
         start = time.perf_counter()
