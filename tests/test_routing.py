@@ -12,7 +12,7 @@ from ilora.errors import IloraError
 from ilora.models.load import load_vlm
 from ilora.routing.collator import RoutingCollator, Source, mix_sources, select_rows
 from ilora.routing.hooks import find_lora_layers
-from ilora.routing.losses import causal_lm_loss, kl_base_lora, lora_norm_loss, squared_norm_sum, target_positions
+from ilora.routing.losses import causal_lm_loss, kl_base_lora, lora_b_squared_norm, lora_norm_loss, target_positions
 from ilora.routing.lora import apply_lora, load_adapter
 from ilora.routing.trainer import RoutingTrainer
 
@@ -74,12 +74,20 @@ def test_lm_loss_matches_shifted_cross_entropy():
     torch.testing.assert_close(causal_lm_loss(logits[rows, positions], targets), expected)
 
 
-def test_norm_terms_count_only_masked_positions():
-    out = torch.arange(12.0).reshape(1, 3, 4)
-    mask = torch.tensor([[True, False, True]])
-    total, count = squared_norm_sum(out, 0.5, mask)
-    assert count == 2
-    torch.testing.assert_close(total, 0.25 * (out[0, 0].pow(2).sum() + out[0, 2].pow(2).sum()))
+def test_low_rank_norm_matches_direct_formula_and_gradients():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 5, 3, generator=g, requires_grad=True)
+    weight = torch.randn(7, 3, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    direct = ((0.5 * (h @ weight.T)).pow(2).sum(-1) * mask).sum()
+    expected = torch.autograd.grad(direct, (h, weight))
+    value = lora_b_squared_norm(h, weight, 0.5, mask)
+    torch.testing.assert_close(value, direct)
+    for got, want in zip(torch.autograd.grad(value, (h, weight)), expected):
+        torch.testing.assert_close(got, want)
+    unmasked = lora_b_squared_norm(h, weight, 0.5, None)
+    torch.testing.assert_close(unmasked, (0.5 * (h @ weight.T)).pow(2).sum())
+    assert lora_b_squared_norm(h, torch.zeros(7, 3), 2.0, None).item() == 0.0
     torch.testing.assert_close(lora_norm_loss([torch.tensor(4.0), torch.tensor(9.0)], [2, 3]), torch.tensor(5.0))
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ilora.errors import IloraError
 from ilora.models.load import module_part
-from ilora.routing.losses import lora_norm_loss, squared_norm_sum
+from ilora.routing.losses import lora_b_squared_norm, lora_norm_loss
 
 
 @dataclass
@@ -70,6 +70,7 @@ class LoraOutputRecorder:
             raise IloraError(f"layers {unknown} are not LoRA layers; known: {[r.name for r in self.layers][:8]}...")
         self.keep_outputs = set(keep_outputs)
         self._mask: torch.Tensor | None = None
+        self._mask_count = 0
         self._active = False
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -80,16 +81,20 @@ class LoraOutputRecorder:
         def hook(module, args, output):
             if not self._active:
                 return
-            mask = None
+            mask, count = None, output.shape[:-1].numel()
             if ref.part == "language" and self._mask is not None and output.shape[:-1] == self._mask.shape:
-                mask = self._mask
+                mask, count = self._mask, self._mask_count
             scaling = ref.scaling(self.adapter)
-            total, count = squared_norm_sum(output, scaling, mask)
+            if module.bias is None:
+                total = lora_b_squared_norm(args[0], module.weight, scaling, mask)
+            else:
+                per_position = (output * scaling).pow(2).sum(-1, dtype=torch.float32)
+                total = (per_position * mask if mask is not None else per_position).sum()
             self.sums[ref.name] = self.sums[ref.name] + total if ref.name in self.sums else total
             self.counts[ref.name] = self.counts.get(ref.name, 0) + count
             if ref.name in self.keep_outputs:
-                kept = (output.detach().float() * scaling)
-                self.outputs.setdefault(ref.name, []).append(kept[mask] if mask is not None else kept.flatten(0, -2))
+                kept = output.detach().float() * scaling
+                self.outputs.setdefault(ref.name, []).append(kept[mask.bool()] if mask is not None else kept.flatten(0, -2))
 
         return hook
 
@@ -97,7 +102,8 @@ class LoraOutputRecorder:
     def record(self, attention_mask: torch.Tensor | None) -> Iterator[LoraOutputRecorder]:
         """Record the forwards inside the block; previous records are cleared on entry."""
         self.sums, self.counts, self.outputs = {}, {}, {}
-        self._mask = attention_mask.bool() if attention_mask is not None else None
+        self._mask = attention_mask.float() if attention_mask is not None else None
+        self._mask_count = int(attention_mask.sum()) if attention_mask is not None else 0  # one sync per record
         self._active = True
         try:
             yield self

@@ -78,29 +78,59 @@ def kl_base_lora(base_logits: torch.Tensor, lora_logits: torch.Tensor, chunk_siz
     return total / n
 
 
-def squared_norm_sum(output: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Sum over positions of ``‖scaling · output‖²`` and the number of positions counted.
+class _LowRankSquaredNorm(torch.autograd.Function):
+    """``Σ_mask ‖scaling · h Wᵀ‖²`` that keeps only ``h`` and ``W`` for backward.
+
+    ``h`` (the rank-r LoRA-A output) and ``W`` (the lora_B weight) are already held by
+    autograd for lora_B's own backward, so the full-width output is recomputed instead of
+    stored: the norm term then costs no activation memory.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, mask, scaling):
+        out = F.linear(h, weight)
+        per_position = out.pow(2).sum(-1, dtype=torch.float32)
+        if mask is not None:
+            per_position = per_position * mask
+        ctx.save_for_backward(h, weight, mask)
+        ctx.scaling = scaling
+        return per_position.sum() * (scaling * scaling)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, mask = ctx.saved_tensors
+        coeff = 2.0 * ctx.scaling * ctx.scaling * grad
+        g_out = F.linear(h, weight).float() * coeff
+        if mask is not None:
+            g_out = g_out * mask.unsqueeze(-1)
+        g_out = g_out.to(h.dtype)
+        grad_h = g_out @ weight if ctx.needs_input_grad[0] else None
+        grad_w = g_out.flatten(0, -2).T @ h.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
+
+
+def lora_b_squared_norm(
+    h: torch.Tensor, weight: torch.Tensor, scaling: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Sum over positions of ``‖scaling · lora_B(h)‖²`` for a bias-free lora_B.
 
     Args:
-        output: ``[..., D]`` LoRA-B output (before scaling).
-        scaling: the LoRA layer's ``alpha / r`` scaling.
-        mask: bool ``output.shape[:-1]`` selecting the positions to count, or ``None`` for all.
+        h: ``[..., r]`` lora_B input (the LoRA-A output).
+        weight: ``[D, r]`` lora_B weight.
+        scaling: the LoRA layer's ``alpha / r``.
+        mask: float ``h.shape[:-1]`` of 0/1 selecting the positions to count, or ``None``.
 
     Returns:
-        ``(sum, count)`` with ``sum`` a float32 scalar tensor.
+        Float32 scalar, differentiable in ``h`` and ``weight``.
     """
-    # Squares summed in float32 without a float32 copy of the output (it would be kept for backward).
-    per_position = output.pow(2).sum(-1, dtype=torch.float32) * (scaling * scaling)
-    if mask is None:
-        return per_position.sum(), per_position.numel()
-    return per_position[mask].sum(), int(mask.sum())
+    return _LowRankSquaredNorm.apply(h, weight, mask, float(scaling))
 
 
 def lora_norm_loss(sums: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
     """``L_norm``: per LoRA layer the mean squared output norm over its positions, summed over layers.
 
     Args:
-        sums: per layer, the summed squared norms (from ``squared_norm_sum``).
+        sums: per layer, the summed squared norms (from ``lora_b_squared_norm``).
         counts: per layer, how many positions were summed.
 
     Returns:
