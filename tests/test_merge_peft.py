@@ -44,7 +44,9 @@ def test_peft_types_equal_calling_peft(pair, combination_type):
     assert set(ours.deltas) == set(theirs) and len(theirs) == 14
     for key, delta in theirs.items():
         assert torch.equal(ours.deltas[key], delta.float()), key
-    assert ours.meta["options"]["combination_type"] == combination_type
+    recorded = ours.meta["options"]["add_weighted_adapter"]
+    assert recorded["combination_type"] == combination_type and recorded["weights"] == [1.0, 1.0]
+    assert recorded.get("density") == (0.5 if combination_type in DENSITY_TYPES else None)
 
 
 def test_peft_linear_differs_from_delta_task_arithmetic(pair):

@@ -85,11 +85,17 @@ class PeftWeightedAdapter(MergeMethod):
 
     def check(self, inputs: list[Source]) -> None:
         super().check(inputs)
+        self.n_inputs = len(inputs)
         if self.combination_type in EQUAL_RANK_TYPES:
             ranks = {str(a.path): peft_rank(a) for a in inputs}
             if len(set(ranks.values())) > 1:
                 listing = ", ".join(f"{p} (r={r})" for p, r in ranks.items())
                 raise IloraError(f"--method {self.name} needs adapters of equal rank; got {listing}")
+
+    def options(self) -> dict:
+        """The options plus the exact ``add_weighted_adapter`` arguments they resolve to."""
+        resolved = self.peft_kwargs(self.n_inputs) if hasattr(self, "n_inputs") else None
+        return {**super().options(), "add_weighted_adapter": resolved}
 
     def peft_kwargs(self, n_inputs: int) -> dict:
         """The exact arguments given to ``add_weighted_adapter`` (besides the adapter names)."""
