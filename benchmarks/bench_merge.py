@@ -126,8 +126,9 @@ def per_module_comparison(size: int, rank: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     adapters = [synthetic_lora(size, size, rank, seed=s) for s in (1, 2)]
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(size, size, bias=False)), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]), adapter_name="a0")
-    model.add_adapter("a1", LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"])
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(size, size, bias=False)), config, adapter_name="a0")
+    model.add_adapter("a1", config)
     layer = model.base_model.model[0]
     with torch.no_grad():
         for name, adapter in zip(("a0", "a1"), adapters):
@@ -149,9 +150,10 @@ def per_module_comparison(size: int, rank: int, threads: int) -> None:
             ops.factorized_svd(a.lora_B, a.lora_A, a.scale)
         svd_times.append(time.perf_counter() - start)
     ours, svd_only = min(times), min(svd_times)
-    print(f"[module {size}x{size}, 2 adapters r={rank}] PEFT add_weighted_adapter(svd): {peft_s:.2f} s")
-    print(f"[module {size}x{size}, 2 adapters r={rank}] ours, full I-LoRA merge (SVDs + truncation + max-magnitude ΔW): {ours * 1e3:.1f} ms  -> {peft_s / ours:.0f}x faster")
-    print(f"[module {size}x{size}, 2 adapters r={rank}] ours, factorised SVDs only: {svd_only * 1e3:.1f} ms  -> {peft_s / svd_only:.0f}x faster")
+    tag = f"[module {size}x{size}, 2 adapters r={rank}]"
+    print(f"{tag} PEFT add_weighted_adapter(svd): {peft_s:.2f} s")
+    print(f"{tag} ours, full I-LoRA merge (SVDs, truncation, max-magnitude ΔW): {ours * 1e3:.1f} ms -> {peft_s / ours:.0f}x")
+    print(f"{tag} ours, factorised SVDs only: {svd_only * 1e3:.1f} ms -> {peft_s / svd_only:.0f}x faster")
 
 
 def main() -> None:
@@ -166,14 +168,17 @@ def main() -> None:
 
     shapes = module_shapes(2, 2) if args.quick else module_shapes()
     params = sum(o * i for o, i in shapes.values())
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs;  threads={args.threads}  modules={len(shapes)}  dense ΔW elements={params / 1e9:.2f}G ({4 * params / 2**30:.1f} GiB float32)")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; threads={args.threads}; modules={len(shapes)}; "
+        f"dense ΔW {params / 1e9:.2f}G elements ({4 * params / 2**30:.1f} GiB float32)"
+    )
     if not args.skip_peft:
         per_module_comparison(4096, args.rank, args.threads)
     for kind in args.phases.split(","):
         seconds, peak_gb, flops, floor, gflops, timed = run_phase(kind, shapes, args.rank, args.adapters, args.threads)
         print(
-            f"[{kind}, {args.adapters} adapters r={args.rank}, {len(shapes)} modules] wall {seconds:.1f} s, peak RSS {peak_gb:.2f} GiB; "
-            f"matmul floor {floor:.1f} s ({flops / 1e12:.2f} TFLOP at {gflops:.0f} GFLOP/s, rate timed over {timed:.0f} s) "
+            f"[{kind}, {args.adapters} adapters r={args.rank}, {len(shapes)} modules] "
+            f"wall {seconds:.1f} s, peak RSS {peak_gb:.2f} GiB; matmul floor {floor:.1f} s ({flops / 1e12:.2f} TFLOP at {gflops:.0f} GFLOP/s, rate timed over {timed:.0f} s) "
             f"-> {seconds / floor:.2f}x the floor",
             flush=True,
         )

@@ -81,13 +81,14 @@ def export_lora(state: MergedState, out_dir: str | os.PathLike, rank: int, seed:
 def apply_merged_state(model: torch.nn.Module, state: MergedState) -> None:
     """Add every ΔW of ``state`` to ``model``'s weight of the same name, in place (float32 sum)."""
     params = dict(model.named_parameters())
+    where = state.path or "merged state"
     with torch.no_grad():
         for key in state.deltas:
             if key not in params:
-                raise IloraError(f"{state.path or 'merged state'}: weight {key!r} is not in the base model")
+                raise IloraError(f"{where}: weight {key!r} is not in the base model")
             param, delta = params[key], state.deltas[key]
             if tuple(param.shape) != tuple(delta.shape):
-                raise IloraError(f"{state.path or 'merged state'}: {key} has shape {tuple(delta.shape)}, base has {tuple(param.shape)}")
+                raise IloraError(f"{where}: {key} has shape {tuple(delta.shape)}, the base {tuple(param.shape)}")
             param.copy_((param.float() + delta).to(param.dtype))
 
 
