@@ -110,7 +110,7 @@ def merge_phase(kind: str, shapes: dict[str, tuple[int, int]], rank: int, n_adap
 def run_phase(*args) -> tuple:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=merge_phase, args=(*args, queue))
+    proc = ctx.Process(target=merge_phase, args=(*args, queue), daemon=True)
     proc.start()
     result = queue.get()
     proc.join()
