@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--general", type=int, default=3, help="general rows per batch (paper mix 100k:60k)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--models", type=Path, help="folder with prebuilt models named after the sizes (built if missing)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,7 +133,9 @@ def main() -> None:
           f"{mem_kind + ' plain':>32} {'routed':>9} {'ratio':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sizes.split(","):
-            model_dir = build_tiny_vlm(Path(tmp) / name, SIZES[name], seed=0)
+            model_dir = (args.models or Path(tmp)) / name
+            if not model_dir.is_dir():
+                build_tiny_vlm(model_dir, SIZES[name], seed=0)
             times, memory, params = measure(model_dir, args.device, args.task, args.general, args.steps, Path(tmp))
             print(
                 f"{name:>6} {params / 1e6:7.2f}M {times['plain']:13.4f} {times['routed']:14.4f} "
