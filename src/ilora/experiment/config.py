@@ -1,0 +1,99 @@
+"""The end-to-end experiment's settings (one YAML preset per scale in ``configs/``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ilora.config import field
+
+DEFAULT_GAMES = ["Pong", "Breakout", "Freeway", "Boxing"]
+
+
+@dataclasses.dataclass
+class DataSettings:
+    """Expert data per game and general data."""
+
+    episodes: int = field(4, help="expert episodes collected per game for training")
+    heldout_episodes: int = field(1, help="further expert episodes per game, for offline action agreement")
+    max_steps: int = field(1500, help="agent-step cap per collected episode")
+    object_text: bool = field(True, help="object-state text in the prompt (the small world's default; off = pixels only)")
+    reasoning: bool = field(False, help="answers give reasoning before 'Action: NAME' (needs generate-mode play)")
+    general_rows: int = field(3000, help="general vision-language training rows (general route)")
+    general_eval_rows: int = field(300, help="held-out general rows for the general benchmark")
+    other_game_rows: int = field(1000, help="rows of each other game in a routed adapter's general route")
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """Adapter training: shared by plain, routed, joint and ablation adapters."""
+
+    max_steps: int = field(300, help="optimiser steps per adapter")
+    batch_size: int = field(16, help="rows per step")
+    learning_rate: float = field(2e-3, help="peak learning rate (linear decay)")
+    lora_r: int = field(16, help="LoRA rank")
+    lora_alpha: float = field(32.0, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_parts: list[str] = field(default_factory=lambda: ["vision", "projector", "language"], help="VLM parts with LoRA")
+    eps_lm: float = field(1.0, help="routed adapters: LM loss weight")
+    eps_kl: float = field(0.01, help="routed adapters: KL(base || lora) weight on general rows")
+    eps_norm: float = field(2.0, help="routed adapters: LoRA-B output norm weight on general rows")
+    general_share: float = field(0.5, help="general rows per task row in a routed adapter's mix")
+    dtype: str = field("float32", help="model dtype for training and play")
+
+
+@dataclasses.dataclass
+class AblationSettings:
+    """Loss ablations and the ε sweep, run on a pair of games and merged with I-LoRA."""
+
+    games: list[str] = field(default_factory=lambda: ["Pong", "Breakout"], help="games the ablations train on")
+    variants: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {
+            "kl_only": {"eps_kl": 0.01, "eps_norm": 0.0},
+            "norm_only": {"eps_kl": 0.0, "eps_norm": 2.0},
+            "norm_x10": {"eps_kl": 0.01, "eps_norm": 20.0},
+            "norm_x50": {"eps_kl": 0.01, "eps_norm": 100.0},
+        },
+        help="name -> loss weights; plain (0, 0) and the main routed weights are always in the table",
+    )
+
+
+@dataclasses.dataclass
+class MergeSettings:
+    """Which merges of the routed adapters are built and played."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["ilora", "magmax", "task_arithmetic", "ties", "dare_ties", "pcb", "peft:linear", "peft:svd", "peft:ties", "peft:cat"],
+        help="registry names merged all at once (ilora.merge.available_methods())",
+    )
+    keep: float = field(0.8, help="I-LoRA keep ratio of singular values")
+    iterative: bool = field(True, help="also merge one game at a time with I-LoRA (Table 5)")
+    orders: list[list[str]] = field(default_factory=list, help="other game orders for the iterative merge (order effect)")
+    keep_sweep: list[float] = field(default_factory=lambda: [0.2, 0.5, 1.0], help="I-LoRA keep ratios for Figure 4 (besides keep)")
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Playing and scoring."""
+
+    episodes: int = field(4, help="episodes per (model, game)")
+    n_envs: int = field(4, help="environments played side by side")
+    max_frames: int = field(6000, help="episode cap in emulator frames (the paper: 108,000 = 30 min)")
+    fire_on_reset: bool = field(True, help="FireReset: press FIRE after a reset / lost life (reported with every score)")
+    blank_check: bool = field(True, help="also play routed single-game adapters with both frames blanked")
+    agreement_rows: int = field(200, help="held-out expert rows per game for offline action agreement")
+    threads: int = field(0, help="torch threads (0: torch's default)")
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """The end-to-end experiment: data, adapters, merges, play, report."""
+
+    run_dir: str = field("runs/default", help="where every stage writes; rerunning resumes")
+    seed: int = field(0, help="seed for data, training and play")
+    games: list[str] = field(default_factory=lambda: list(DEFAULT_GAMES), help="games (each needs an expert)")
+    base: str = field("builtin", help="base VLM: 'builtin' (shipped tiny base), a folder or a hub id")
+    data: DataSettings = field(default_factory=DataSettings, help="expert and general data")
+    train: TrainSettings = field(default_factory=TrainSettings, help="adapter training")
+    ablations: AblationSettings = field(default_factory=AblationSettings, help="loss ablations / ε sweep")
+    merge: MergeSettings = field(default_factory=MergeSettings, help="merges")
+    eval: EvalSettings = field(default_factory=EvalSettings, help="play and scoring")

@@ -1,0 +1,130 @@
+"""Scoring one model of the experiment: play every game, the general benchmark, offline agreement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ilora.experiment.config import EvalSettings, ExperimentConfig
+
+PLAY_SEED_OFFSET = 20_000  # play episodes never reuse a training episode's seed
+VIDEO_STEPS = 240
+
+
+def load_experiment_model(base_path: str, spec, dtype: str = "float32"):
+    """The base VLM with an adapter merged in (``merge_and_unload``) or a merged ΔW added."""
+    from ilora.models.load import load_vlm
+
+    model, processor = load_vlm(base_path, dtype)
+    if spec.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(spec.adapter)).merge_and_unload()
+    if spec.merged is not None:
+        from ilora.merge.export import apply_merged_state
+        from ilora.merge.io import load_merged_state
+
+        apply_merged_state(model, load_merged_state(spec.merged))
+    return model.eval(), processor
+
+
+def play(policy, game: str, e: EvalSettings, seed: int, folder: Path, tag: str, blank: bool = False, video: bool = False) -> dict:
+    """Play ``e.episodes`` of ``game``; save the result JSON (and a GIF); return the summary."""
+    from ilora.atari.evaluate import play_episodes, save_result, summarize
+
+    recorder = None
+    if video:
+        from ilora.atari.video import EpisodeRecorder
+
+        recorder = EpisodeRecorder(episode=0, max_steps=VIDEO_STEPS)
+    result = play_episodes(
+        policy,
+        game,
+        e.episodes,
+        seed + PLAY_SEED_OFFSET,
+        n_envs=min(e.n_envs, e.episodes),
+        max_frames=e.max_frames,
+        fire_on_reset=e.fire_on_reset,
+        blank_frames=blank,
+        on_step=recorder,
+        progress=False,
+    )
+    summary = summarize(result.records, game)
+    save_result(folder / f"{tag}.json", result, summary)
+    if recorder is not None and recorder.steps:
+        from ilora.atari.video import save_video
+
+        save_video(recorder.steps, folder / f"{tag}.gif", game)
+    out = summary.to_dict()
+    out["scores"] = [r.score for r in result.records]
+    out["errors"] = result.errors
+    out["steps_per_second"] = result.steps / max(1e-9, result.policy_seconds + result.env_seconds)
+    return out
+
+
+def evaluate_reference(game: str, e: EvalSettings, seed: int, folder: Path) -> dict:
+    """Random and scripted-expert scores under the same cap and settings as the agents."""
+    from ilora.atari.experts import RandomPolicy, get_expert
+    from ilora.atari.games import get_game
+
+    names = get_game(game).action_names
+    return {
+        "random": play(RandomPolicy(names, seed), game, e, seed, folder, "random"),
+        "expert": play(get_expert(game), game, e, seed, folder, "expert"),
+    }
+
+
+def action_agreement(model, processor, rows, n: int, reasoning: bool) -> dict:
+    """Share of held-out expert rows where the model's greedy answer names the expert's action."""
+    from ilora.atari.games import get_game
+    from ilora.atari.prompts import parse_action
+    from ilora.models.predict import generate_answers
+
+    rows = [rows[i] for i in range(min(n, len(rows)))]
+    if not rows:
+        return {"n": 0, "agreement": None}
+    names = get_game(rows[0]["game"]).action_names
+    answers = generate_answers(model, processor, rows, max_new_tokens=96 if reasoning else 4)
+    hits = [parse_action(a, names) == r["action"] for a, r in zip(answers, rows)]
+    return {"n": len(rows), "agreement": sum(hits) / len(hits)}
+
+
+def evaluate_model(
+    base_path: str,
+    spec,
+    games: list[str],
+    e: EvalSettings,
+    cfg: ExperimentConfig,
+    folder: Path,
+    heldout: dict[str, Any],
+    general,
+    blank_game: str | None = None,
+) -> dict:
+    """Play ``games`` with one model, score the general benchmark and offline agreement.
+
+    Returns:
+        ``{"play": {game: summary}, "blank": {game: summary}, "agreement": {game: ...},
+        "general": overall stats}``.
+    """
+    import torch
+
+    from ilora.atari.agent import VLMAgent
+    from ilora.general.benchmark import score_general
+    from ilora.models.predict import generate_answers
+
+    if e.threads:
+        torch.set_num_threads(e.threads)
+    model, processor = load_experiment_model(base_path, spec, cfg.train.dtype)
+    mode = "generate" if cfg.data.reasoning else "score"
+    out: dict[str, Any] = {"play": {}, "blank": {}, "agreement": {}}
+    for game in games:
+        agent = VLMAgent(model, processor, game, mode=mode, object_text=cfg.data.object_text)
+        out["play"][game] = play(agent, game, e, cfg.seed, folder, game, video=blank_game == game)
+        if blank_game == game:
+            out["blank"][game] = play(agent, game, e, cfg.seed, folder, f"{game}-blank", blank=True)
+        out["agreement"][game] = action_agreement(model, processor, heldout[game], e.agreement_rows, cfg.data.reasoning)
+    scores = score_general(lambda batch: generate_answers(model, processor, batch), general)
+    out["general"] = scores["overall"]
+    (folder / "scores.json").write_text(json.dumps(out, indent=1, default=str))
+    return out

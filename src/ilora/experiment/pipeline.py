@@ -1,0 +1,287 @@
+"""The end-to-end experiment: base model -> data -> adapters -> merges -> play -> report.
+
+Every unit of work is a cached stage (``ilora.experiment.stages``): rerunning the same config
+skips what is done, an interrupted run resumes, ``--force PREFIX`` redoes stages, and a
+deleted stage folder is redone together with everything that read it.
+
+Model names used throughout (and in the report):
+``base``, ``plain/<game>`` (single-task LoRA), ``routed/<game>`` (routing-tuned LoRA),
+``joint`` (one LoRA on all games' data), ``merge/<method>`` (routed adapters merged all at
+once), ``iter/<order>/<k>`` (I-LoRA merging one game at a time, after k games),
+``keep/<ratio>`` (I-LoRA with another keep ratio), ``ablation/<variant>/<game>`` and
+``ablation-merge/<variant>`` (loss ablations on a pair of games).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ilora.config import to_dict
+from ilora.experiment.config import ExperimentConfig
+from ilora.experiment.stages import StageRunner
+
+PLAIN = {"eps_kl": 0.0, "eps_norm": 0.0}
+
+
+def builtin_base() -> Path:
+    """The shipped pretrained tiny base model (see its README for how it was made)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-base"
+
+
+@dataclass
+class ModelSpec:
+    """How to build one evaluated model: the base plus an adapter or a merged state (or nothing)."""
+
+    adapter: Path | None = None
+    merged: Path | None = None
+
+
+class Experiment:
+    """Runs the stages of one experiment config in its run folder."""
+
+    def __init__(self, config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print):
+        self.cfg = config
+        self.runner = StageRunner(Path(config.run_dir), force=force, log=log)
+        self.log = log
+        self.models: dict[str, ModelSpec] = {}
+
+    # ----------------------------------------------------------------- helpers
+    def stage(self, name: str, config: Any, fn: Callable[[Path], Any], deps=()) -> Path:
+        return self.runner.run(name, to_dict(config), fn, deps)
+
+    @property
+    def base_path(self) -> str:
+        return str(self.runner.folder("base") / "model") if self.cfg.base == "builtin" else self.cfg.base
+
+    def load_rows(self, stage: str, split: str):
+        from datasets import load_from_disk
+
+        return load_from_disk(str(self.runner.folder(stage) / split))
+
+    # ------------------------------------------------------------------ stages
+    def run_base(self) -> None:
+        def build(folder: Path):
+            if self.cfg.base == "builtin":
+                shutil.copytree(builtin_base(), folder / "model")
+                record = json.loads((folder / "model" / "pretrain.json").read_text())
+                return {"source": "builtin", "heldout": record["heldout"]["overall"]}
+            return {"source": self.cfg.base}
+
+        self.stage("base", {"base": self.cfg.base}, build)
+
+    def run_data(self) -> None:
+        from ilora.atari.collect import collect_dataset
+        from ilora.general.data import generate_general
+
+        d = self.cfg.data
+        for game in self.cfg.games:
+
+            def collect(folder: Path, game=game):
+                opts = dict(object_text=d.object_text, reasoning=d.reasoning, max_steps=d.max_steps)
+                train = collect_dataset(game, d.episodes, self.cfg.seed, **opts)
+                train.save_to_disk(str(folder / "train"))
+                held = collect_dataset(game, d.heldout_episodes, self.cfg.seed + 10_000, **opts)
+                held.save_to_disk(str(folder / "heldout"))
+                return {"train_rows": len(train), "heldout_rows": len(held)}
+
+            self.stage(f"data/{game}", {"data": d, "game": game, "seed": self.cfg.seed}, collect)
+
+        def general(folder: Path):
+            generate_general(d.general_rows, self.cfg.seed, "train").save_to_disk(str(folder / "train"))
+            generate_general(d.general_eval_rows, self.cfg.seed, "test").save_to_disk(str(folder / "test"))
+            return {"train_rows": d.general_rows, "test_rows": d.general_eval_rows}
+
+        self.stage("data/general", {"rows": d.general_rows, "eval": d.general_eval_rows, "seed": self.cfg.seed}, general)
+
+    def train(self, name: str, task_games: list[str], weights: dict[str, float], steps: int | None = None) -> None:
+        """Train adapter ``name`` on ``task_games``' data; general rows join when the weights route them."""
+        from ilora.routing.collator import Source
+        from ilora.routing.train import train_adapter
+        from ilora.routing.trainer import RoutingConfig
+
+        t, d = self.cfg.train, self.cfg.data
+        routed = weights["eps_kl"] > 0 or weights["eps_norm"] > 0
+        others = [g for g in self.cfg.games if g not in task_games] if routed else []
+        deps = ["base"] + [f"data/{g}" for g in task_games + others] + (["data/general"] if routed else [])
+        settings = {"train": t, "weights": weights, "task": task_games, "others": others, "steps": steps}
+
+        def fit(folder: Path):
+            import torch
+
+            task = [Source(self.load_rows(f"data/{g}", "train"), "task", name=g) for g in task_games]
+            n_task = sum(len(s.rows) for s in task)
+            general = []
+            if routed:
+                share = max(1, int(t.general_share * n_task))
+                general.append(Source(self.load_rows("data/general", "train"), "general", size=share, name="general"))
+                general += [
+                    Source(self.load_rows(f"data/{g}", "train"), "general", size=d.other_game_rows, name=g) for g in others
+                ]
+            args = RoutingConfig(
+                output_dir=str(folder / "trainer"),
+                max_steps=steps or t.max_steps,
+                per_device_train_batch_size=t.batch_size,
+                learning_rate=t.learning_rate,
+                lr_scheduler_type="linear",
+                warmup_steps=max(1, (steps or t.max_steps) // 20),
+                lora_r=t.lora_r,
+                lora_alpha=t.lora_alpha,
+                lora_dropout=t.lora_dropout,
+                lora_parts=list(t.lora_parts),
+                eps_lm=t.eps_lm,
+                eps_kl=weights["eps_kl"],
+                eps_norm=weights["eps_norm"],
+                seed=self.cfg.seed,
+                save_strategy="no",
+                logging_steps=max(1, (steps or t.max_steps) // 10),
+                use_cpu=not torch.cuda.is_available(),
+                dataloader_num_workers=0,
+                disable_tqdm=False,
+            )
+            train_adapter(self.base_path, task, general, args, folder / "adapter", dtype=t.dtype)
+            shutil.rmtree(folder / "adapter.run", ignore_errors=True)
+            log = json.loads((folder / "adapter" / "loss_log.json").read_text())
+            return {"final": next((h for h in reversed(log) if "train_loss" in h), log[-1] if log else {})}
+
+        self.stage(f"train/{name}", settings, fit, deps)
+        self.models[name] = ModelSpec(adapter=self.runner.folder(f"train/{name}") / "adapter")
+
+    def merge(self, name: str, adapters: list[str], method: str, **options: Any) -> None:
+        """Merge trained adapters (or, for ``iter``, a merged state plus one adapter) into ``merge/...``."""
+        from ilora.merge import merge_adapters
+
+        def run(folder: Path):
+            inputs = [self.models[a].adapter or self.models[a].merged for a in adapters]
+            state = merge_adapters(
+                [str(p) for p in inputs], method, base=self.base_path, out=folder / "state", progress=False, **options
+            )
+            return {"modules": len(state.deltas)}
+
+        deps = ["base"] + [self.stage_of(a) for a in adapters]
+        self.stage(name, {"method": method, "inputs": adapters, "options": options}, run, deps)
+        self.models[name] = ModelSpec(merged=self.runner.folder(name) / "state")
+
+    def stage_of(self, model: str) -> str:
+        """The stage that produced a model."""
+        return f"train/{model}" if self.models[model].adapter is not None else model
+
+    def run_training(self) -> None:
+        t = self.cfg.train
+        routed_weights = {"eps_kl": t.eps_kl, "eps_norm": t.eps_norm}
+        for game in self.cfg.games:
+            self.train(f"plain/{game}", [game], PLAIN)
+            self.train(f"routed/{game}", [game], routed_weights)
+        self.train("joint", list(self.cfg.games), PLAIN, steps=t.max_steps * len(self.cfg.games))
+        for variant, weights in self.cfg.ablations.variants.items():
+            for game in self.cfg.ablations.games:
+                self.train(f"ablation/{variant}/{game}", [game], {**PLAIN, **weights})
+
+    def run_merges(self) -> None:
+        m = self.cfg.merge
+        routed = [f"routed/{g}" for g in self.cfg.games]
+        for method in m.methods:
+            options = {"keep": m.keep} if method == "ilora" else {}
+            self.merge(f"merge/{method}", routed, method, **options)
+        for keep in m.keep_sweep:
+            if keep != m.keep:
+                self.merge(f"keep/{keep:g}", routed, "ilora", keep=keep)
+        if m.iterative:
+            for order in [list(self.cfg.games)] + [list(o) for o in m.orders]:
+                tag = "-".join(order)
+                previous = f"routed/{order[0]}"
+                for k in range(2, len(order) + 1):
+                    name = f"iter/{tag}/{k}"
+                    self.merge(name, [previous, f"routed/{order[k - 1]}"], "ilora", keep=m.keep)
+                    previous = name
+        pair = self.cfg.ablations.games
+        variants = {"plain": "plain", "routed": "routed", **{v: f"ablation/{v}" for v in self.cfg.ablations.variants}}
+        for variant, prefix in variants.items():
+            self.merge(f"ablation-merge/{variant}", [f"{prefix}/{g}" for g in pair], "ilora", keep=m.keep)
+
+    # -------------------------------------------------------------- evaluation
+    def eval_plan(self) -> dict[str, list[str]]:
+        """Which games each model is played on."""
+        games = list(self.cfg.games)
+        pair = list(self.cfg.ablations.games)
+        plan: dict[str, list[str]] = {"base": games}
+        for name in self.models:
+            plan[name] = pair if name.startswith(("ablation/", "ablation-merge/")) else games
+        return plan
+
+    def run_eval(self) -> None:
+        from ilora.experiment.evaluation import evaluate_model, evaluate_reference
+
+        e = self.cfg.eval
+        for game in self.cfg.games:
+            self.stage(
+                f"eval/reference/{game}",
+                {"eval": e, "seed": self.cfg.seed, "game": game},
+                lambda folder, game=game: evaluate_reference(game, e, self.cfg.seed, folder),
+            )
+        for name, games in self.eval_plan().items():
+            spec = self.models.get(name, ModelSpec())
+            blank = e.blank_check and name.startswith("routed/")
+            deps = ["base"] + ([self.stage_of(name)] if name in self.models else [])
+            deps += [f"data/{g}" for g in games] + ["data/general"]
+
+            def run(folder: Path, name=name, games=games, spec=spec, blank=blank):
+                return evaluate_model(
+                    self.base_path,
+                    spec,
+                    games,
+                    e,
+                    self.cfg,
+                    folder,
+                    heldout={g: self.load_rows(f"data/{g}", "heldout") for g in games},
+                    general=self.load_rows("data/general", "test"),
+                    blank_game=name.split("/")[1] if blank else None,
+                )
+
+            self.stage(f"eval/{name}", {"eval": e, "games": games, "blank": blank, "seed": self.cfg.seed}, run, deps)
+
+    def run_analysis(self) -> None:
+        from ilora.routing.analyze import analyze_activations
+
+        n = 64
+        general = self.load_rows("data/general", "test").select(range(n))
+        for kind in ("plain", "routed"):
+            game = self.cfg.games[0]
+            others = [g for g in self.cfg.games if g != game]
+
+            def run(folder: Path, kind=kind, game=game, others=others):
+                data = {
+                    "task": self.load_rows(f"data/{game}", "heldout").select(range(n)),
+                    "general": general,
+                    "other games": [r for g in others for r in self.load_rows(f"data/{g}", "heldout").select(range(n // len(others)))],
+                }
+                table = analyze_activations(self.base_path, self.models[f"{kind}/{game}"].adapter, data, folder / "out")
+                return {"table": table}
+
+            deps = ["base", f"train/{kind}/{game}", "data/general"] + [f"data/{g}" for g in self.cfg.games]
+            self.stage(f"analysis/{kind}/{game}", {"n": n}, run, deps)
+
+    def run_report(self) -> Path:
+        from ilora.experiment.report import write_report
+
+        deps = [s for s in self.runner.all_stages() if not s.startswith("report")]
+        folder = self.stage("report", to_dict(self.cfg), lambda folder: write_report(self, folder), deps)
+        return folder / "REPORT.md"
+
+    def run(self) -> Path:
+        self.run_base()
+        self.run_data()
+        self.run_training()
+        self.run_merges()
+        self.run_eval()
+        self.run_analysis()
+        return self.run_report()
+
+
+def run_experiment(config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) the experiment; returns the path of its ``REPORT.md``."""
+    return Experiment(config, force, log).run()

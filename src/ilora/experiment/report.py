@@ -1,0 +1,313 @@
+"""The experiment's report: the paper's tables on our setting, as Markdown plus PNG plots.
+
+Retention is measured against random play, ``(score_model - random) / (score_single - random)``
+with ``single`` the single-task (plain LoRA) adapter of that game: the paper's plain ratio
+``score_merged / score_single`` is meaningless for games with negative scores (Pong). Its
+95% CI comes from a bootstrap over episodes (both scores resampled, 2,000 draws, fixed seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The paper's Table 4 (retention after merging four games), for reference only: its games
+# and scale differ from ours.
+PAPER_RETENTION = {
+    "I-LoRA (paper)": {"ChopperCommand": 0.328, "Asterix": 0.179, "BattleZone": 0.552, "CrazyClimber": 0.182},
+    "best PEFT type (paper, at most)": {"ChopperCommand": 0.203, "Asterix": 0.203, "BattleZone": 0.203, "CrazyClimber": 0.203},
+    "joint fine-tuning (paper)": {"ChopperCommand": 0.693, "Asterix": 0.162, "BattleZone": 0.828, "CrazyClimber": 0.454},
+}
+BOOTSTRAP = 2000
+
+
+def ratio_ci(model: list[float], single: list[float], random: float, seed: int = 0) -> tuple[float, float, float]:
+    """Retention and its bootstrap 95% CI; NaN when the single-task agent does not beat random."""
+    m, s = np.asarray(model, float), np.asarray(single, float)
+    denom = s.mean() - random
+    if len(m) == 0 or len(s) == 0 or denom <= 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    mb = rng.choice(m, (BOOTSTRAP, len(m))).mean(1) - random
+    sb = rng.choice(s, (BOOTSTRAP, len(s))).mean(1) - random
+    ok = sb > 0
+    draws = mb[ok] / sb[ok]
+    lo, hi = (np.percentile(draws, [2.5, 97.5]) if ok.any() else (math.nan, math.nan))
+    return float((m.mean() - random) / denom), float(lo), float(hi)
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def score_cell(summary: dict | None) -> str:
+    if not summary:
+        return "n/a"
+    return f"{summary['mean']:.1f} [{summary['ci_low']:.1f}, {summary['ci_high']:.1f}]"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class Results:
+    """Read access to every finished stage's result."""
+
+    def __init__(self, experiment) -> None:
+        self.x = experiment
+        self.cfg = experiment.cfg
+        self.games = list(self.cfg.games)
+
+    def evals(self, model: str) -> dict | None:
+        try:
+            return self.x.runner.result(f"eval/{model}")
+        except (KeyError, FileNotFoundError):
+            return None
+
+    def play(self, model: str, game: str) -> dict | None:
+        r = self.evals(model)
+        return None if r is None else r["play"].get(game)
+
+    def reference(self, game: str, who: str) -> dict:
+        return self.x.runner.result(f"eval/reference/{game}")[who]
+
+    def retention(self, model: str, game: str, single: str | None = None) -> tuple[float, float, float]:
+        single = single or f"plain/{game}"
+        m, s = self.play(model, game), self.play(single, game)
+        if m is None or s is None:
+            return math.nan, math.nan, math.nan
+        return ratio_ci(m["scores"], s["scores"], self.reference(game, "random")["mean"], self.cfg.seed)
+
+    def gap_closed(self, model: str, game: str) -> float:
+        p, r, e = self.play(model, game), self.reference(game, "random")["mean"], self.reference(game, "expert")["mean"]
+        return math.nan if p is None or e <= r else (p["mean"] - r) / (e - r)
+
+
+def retention_row(res: Results, label: str, model: str, games: list[str]) -> list[str]:
+    cells, values = [], []
+    for g in games:
+        v, lo, hi = res.retention(model, g)
+        values.append(v)
+        cells.append(f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]")
+    finite = [v for v in values if not math.isnan(v)]
+    return [label, *cells, fmt(float(np.mean(finite)) if finite else math.nan)]
+
+
+def retention_row_per_game(res: Results, label: str, kind: str, games: list[str]) -> list[str]:
+    """Retention of each game's own ``<kind>/<game>`` adapter on that game (not a merged model)."""
+    cells, values = [], []
+    for g in games:
+        v, lo, hi = res.retention(f"{kind}/{g}", g)
+        values.append(v)
+        cells.append(f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]")
+    finite = [v for v in values if not math.isnan(v)]
+    return [label, *cells, fmt(float(np.mean(finite)) if finite else math.nan)]
+
+
+def plot_bars(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) * max(1, len(series)) / 2), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(labels)) + i * width, [0 if math.isnan(v) else v for v in values], width, label=name)
+    ax.set_xticks(np.arange(len(labels)) + width * (len(series) - 1) / 2)
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_line(path: Path, xs: list[float], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, values in ys.items():
+        ax.plot(xs, values, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(experiment, folder: Path) -> dict[str, Any]:
+    """Write ``REPORT.md``, ``summary.json`` and the PNGs into ``folder``; print the summary table."""
+    res = Results(experiment)
+    cfg, games = res.cfg, res.games
+    md: list[str] = [f"# ilora experiment report: `{cfg.run_dir}`", ""]
+    md.append(
+        f"Games: {', '.join(games)}. Base: `{cfg.base}`. Object-state text in the prompt: **{cfg.data.object_text}**; "
+        f"answers: {'reasoning + action' if cfg.data.reasoning else 'direct action'}. "
+        f"Play: {cfg.eval.episodes} episodes per cell, capped at {cfg.eval.max_frames} emulator frames, "
+        f"sticky actions 0.25, FireReset {'on' if cfg.eval.fire_on_reset else 'off'}. "
+        "Scores are means with 95% t-intervals over episodes; retention is random-baselined "
+        "`(model - random) / (single-task - random)` with a bootstrap 95% CI (see `ilora.experiment.report`)."
+    )
+    md.append("")
+
+    # Table 1: single-task agents.
+    rows = []
+    for g in games:
+        rnd, exp = res.reference(g, "random"), res.reference(g, "expert")
+        rows.append(
+            [g, score_cell(rnd), score_cell(exp), score_cell(res.play("base", g)), score_cell(res.play(f"plain/{g}", g)),
+             fmt(res.play(f"plain/{g}", g)["hns"] if res.play(f"plain/{g}", g) else None),
+             fmt(res.gap_closed(f"plain/{g}", g)), score_cell(res.play(f"routed/{g}", g)), fmt(res.gap_closed(f"routed/{g}", g))]
+        )
+    md += ["## 1. Single-task agents (paper Table 1)", "",
+           table(["game", "random", "expert", "base", "single-task LoRA", "HNS", "gap closed", "routed LoRA", "gap closed"], rows),
+           "", "`gap closed` = (agent - random) / (expert - random); the bar for a meaningful retention is 0.5.", ""]
+
+    # Table 2: routed vs single-task.
+    md += ["## 2. Routing-tuned vs single-task (paper Table 2)", "",
+           table(["", *games, "mean"], [retention_row_per_game(res, "routed / single-task", "routed", games)]), ""]
+
+    # Forgetting: each single-game adapter played on the other games.
+    rows = []
+    for kind in ("plain", "routed"):
+        for g in games:
+            cells = []
+            for other in games:
+                if other == g:
+                    cells.append("—")
+                    continue
+                v = res.retention(f"{kind}/{g}", other, single="base")
+                cells.append(fmt(v[0]))
+            rows.append([f"{kind}/{g}", *cells])
+    md += ["### Damage to the other games", "",
+           "Score of a one-game adapter on each other game, relative to the base model on that game "
+           "(random-baselined; 1 = no damage; n/a where the base model does not beat random).", "",
+           table(["adapter", *games], rows), ""]
+
+    # Table 3: general benchmark.
+    rows = []
+    for model in ["base", *[f"{k}/{g}" for k in ("plain", "routed") for g in games], "joint", "merge/ilora"]:
+        r = res.evals(model)
+        if r:
+            s = r["general"]
+            rows.append([model, f"{s['accuracy']:.3f} [{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]", str(s["n"])])
+    md += ["## 3. General benchmark accuracy (paper Table 3)", "", table(["model", "accuracy [95% CI]", "n"], rows), ""]
+
+    # Table 4: merges.
+    merge_models = [f"merge/{m}" for m in cfg.merge.methods]
+    rows = [retention_row(res, m.removeprefix("merge/"), m, games) for m in merge_models]
+    rows.append(retention_row(res, "joint multi-task LoRA", "joint", games))
+    rows.append(retention_row_per_game(res, "routed single-game adapters", "routed", games))
+    rows_table4 = rows
+    ranking = sorted(((float(r[-1]) if r[-1] not in ("n/a", "") else -math.inf), r[0]) for r in rows[:-1])
+    best = ranking[-1][1] if ranking else "n/a"
+    md += ["## 4. Retention after merging all games (paper Table 4)", "",
+           table(["method", *games, "mean"], rows), "",
+           f"Best mean retention: **{best}**" + ("" if best == "ilora" else " (I-LoRA is not the best here)") + ".", ""]
+    plot_bars(folder / "retention.png", [r[0] for r in rows[:-1]],
+              {g: [res.retention(m, g)[0] for m in [*merge_models, "joint"]] for g in games},
+              "retention", "Retention after merging (1 = single-task score)")
+    md += ["![retention](retention.png)", "", "Paper, for reference (other games, a 7B model):", "",
+           table(["", *PAPER_RETENTION["I-LoRA (paper)"]],
+                 [[k, *[f"{v:.3f}" for v in d.values()]] for k, d in PAPER_RETENTION.items()]), ""]
+    ag_rows = [[m, *[fmt((res.evals(m) or {}).get("agreement", {}).get(g, {}).get("agreement")) for g in games]]
+               for m in ["base", *[f"plain/{g}" for g in games], *[f"routed/{g}" for g in games], "joint", *merge_models]]
+    md += ["### Offline agreement with held-out expert actions", "",
+           "A cheap second metric; it did not predict play in earlier measurements, so it ranks nothing on its own.", "",
+           table(["model", *games], ag_rows), ""]
+
+    # Table 5: iterative merging and order.
+    rows = []
+    orders = [list(games)] + [list(o) for o in cfg.merge.orders]
+    if cfg.merge.iterative:
+        for order in orders:
+            tag = "-".join(order)
+            for k in range(2, len(order) + 1):
+                row = retention_row(res, f"{tag} after {k}", f"iter/{tag}/{k}", order[:k])
+                rows.append(row[:-1] + [""] * (len(games) - k) + row[-1:])
+        md += ["## 5. Iterative I-LoRA merging (paper Table 5)", "",
+               "Each row merges the next game's routed adapter into the saved merged state; retention on the games merged so far.", "",
+               table(["order / games merged", *[f"game {i + 1}" for i in range(len(games))], "mean"], rows), ""]
+
+    # Table 6 / Figure 5: activation norms.
+    md += ["## 6. LoRA activation norms on task vs general data (paper Table 6, Figure 5)", ""]
+    for kind in ("plain", "routed"):
+        name = f"analysis/{kind}/{games[0]}"
+        try:
+            tab = experiment.runner.result(name)["table"]
+        except (KeyError, FileNotFoundError):
+            continue
+        avg = tab.get("average", tab)
+        md.append(f"- `{kind}/{games[0]}` mean squared LoRA-B output norm: " +
+                  ", ".join(f"{k}: {v:.4g}" for k, v in avg.items() if isinstance(v, (int, float))))
+        png = experiment.runner.folder(name) / "out" / "heatmap.png"
+        if png.is_file():
+            target = folder / f"heatmap-{kind}.png"
+            target.write_bytes(png.read_bytes())
+            md.append(f"\n![{kind} heatmap](heatmap-{kind}.png)\n")
+    md.append("")
+
+    # Figure 4: keep-ratio sweep.
+    keeps = sorted({cfg.merge.keep, *cfg.merge.keep_sweep})
+    names = {k: ("merge/ilora" if k == cfg.merge.keep else f"keep/{k:g}") for k in keeps}
+    series = {g: [res.retention(names[k], g)[0] for k in keeps] for g in games}
+    plot_line(folder / "keep_sweep.png", keeps, series, "keep ratio", "retention", "I-LoRA keep ratio (Figure 4)")
+    md += ["## 7. Keep-ratio sweep (Figure 4) and loss ablations", "",
+           table(["keep", *games], [[f"{k:g}", *[fmt(series[g][i]) for g in games]] for i, k in enumerate(keeps)]),
+           "", "![keep sweep](keep_sweep.png)", ""]
+    pair = list(cfg.ablations.games)
+    variants = {"plain": (0.0, 0.0), "routed": (cfg.train.eps_kl, cfg.train.eps_norm),
+                **{v: (w.get("eps_kl", 0.0), w.get("eps_norm", 0.0)) for v, w in cfg.ablations.variants.items()}}
+    rows = []
+    for v, (kl, nm) in variants.items():
+        prefix = {"plain": "plain", "routed": "routed"}.get(v, f"ablation/{v}")
+        own = [fmt(res.gap_closed(f"{prefix}/{g}", g)) for g in pair]
+        cross = [fmt(res.retention(f"{prefix}/{pair[0]}", pair[1], single="base")[0]),
+                 fmt(res.retention(f"{prefix}/{pair[1]}", pair[0], single="base")[0])]
+        merged = [fmt(res.retention(f"ablation-merge/{v}", g)[0]) for g in pair]
+        rows.append([v, f"{kl:g}", f"{nm:g}", *own, *cross, *merged])
+    md += [f"Loss ablations on {pair[0]} + {pair[1]}: own-game gap closed, damage to the other game "
+           "(1 = none), and retention after the I-LoRA merge of the pair.", "",
+           table(["variant", "eps_kl", "eps_norm", *[f"gap {g}" for g in pair],
+                  f"{pair[0]} adapter on {pair[1]}", f"{pair[1]} adapter on {pair[0]}", *[f"merged: {g}" for g in pair]], rows), ""]
+
+    # Do the models read the images?
+    rows = []
+    for g in games:
+        r = res.evals(f"routed/{g}") or {}
+        rows.append([g, score_cell(r.get("play", {}).get(g)), score_cell(r.get("blank", {}).get(g))])
+    md += ["## Do the models read the images?", "",
+           "Routed single-game adapters played normally and with both frames blanked (black). With object-state text "
+           "in the prompt a small model may act on the text alone; equal scores mean it does.", "",
+           table(["game", "normal", "frames blanked"], rows), ""]
+    gifs = [p.name for p in folder.glob("*.gif")]
+    for g in games:
+        src = experiment.runner.folder(f"eval/routed/{g}") / f"{g}.gif"
+        if src.is_file():
+            (folder / f"routed-{g}.gif").write_bytes(src.read_bytes())
+            gifs.append(f"routed-{g}.gif")
+    md += ["Gameplay (first episode, first steps, the model's action alongside): " + ", ".join(f"[{n}]({n})" for n in sorted(set(gifs))), ""]
+
+    seconds = sum(json.loads((experiment.runner.folder(s) / "stage.json").read_text())["seconds"]
+                  for s in experiment.runner.all_stages() if (experiment.runner.folder(s) / "stage.json").is_file())
+    md += [f"Compute: {seconds / 60:.1f} min summed over the stages' own run times (first computation of each).", ""]
+    (folder / "REPORT.md").write_text("\n".join(md))
+    summary_rows = rows_table4
+    summary = {"games": games, "retention": {r[0]: r[1:] for r in summary_rows}, "best": best}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(table(["method", *games, "mean"], summary_rows))
+    return summary
