@@ -89,7 +89,7 @@ def apply_merged_state(model: torch.nn.Module, state: MergedState) -> None:
             param, delta = params[key], state.deltas[key]
             if tuple(param.shape) != tuple(delta.shape):
                 raise IloraError(f"{where}: {key} has shape {tuple(delta.shape)}, the base {tuple(param.shape)}")
-            param.copy_((param.float() + delta).to(param.dtype))
+            param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
 
 
 def save_merged_model(state: MergedState, base: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
