@@ -92,10 +92,11 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: ``new`` wins; nested mappings are merged, not replaced."""
+    """Recursive dict merge: ``new`` wins; nested mappings are merged, not replaced (``{}`` clears)."""
     out = dict(base)
     for k, v in new.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and v and isinstance(out.get(k), dict)
+        out[k] = deep_update(out[k], v) if merge else v
     return out
 
 

@@ -38,6 +38,7 @@ class TrainSettings:
     eps_kl: float = field(0.01, help="routed adapters: KL(base || lora) weight on general rows")
     eps_norm: float = field(2.0, help="routed adapters: LoRA-B output norm weight on general rows")
     general_share: float = field(0.5, help="general rows per task row in a routed adapter's mix")
+    joint_steps_factor: float = field(2.0, help="the joint adapter's steps as a multiple of max_steps (it learns every game)")
     dtype: str = field("float32", help="model dtype for training and play")
 
 
@@ -81,7 +82,7 @@ class EvalSettings:
     fire_on_reset: bool = field(True, help="FireReset: press FIRE after a reset / lost life (reported with every score)")
     blank_check: bool = field(True, help="also play routed single-game adapters with both frames blanked")
     agreement_rows: int = field(200, help="held-out expert rows per game for offline action agreement")
-    threads: int = field(0, help="torch threads (0: torch's default)")
+    activation_rows: int = field(64, help="rows per data type for the LoRA activation-norm analysis")
 
 
 @dataclasses.dataclass
@@ -91,6 +92,9 @@ class ExperimentConfig:
     run_dir: str = field("runs/default", help="where every stage writes; rerunning resumes")
     seed: int = field(0, help="seed for data, training and play")
     games: list[str] = field(default_factory=lambda: list(DEFAULT_GAMES), help="games (each needs an expert)")
+    workers: int = field(2, help="processes running independent stages (trainings, evaluations) side by side")
+    threads: int = field(1, help="torch CPU threads (1 is fastest for the tiny model on a shared 2-core CPU; 0: torch's default)")
+    device: str = field("auto", help="device for play and scoring: auto (cuda when available), cpu, cuda")
     base: str = field("builtin", help="base VLM: 'builtin' (shipped tiny base), a folder or a hub id")
     data: DataSettings = field(default_factory=DataSettings, help="expert and general data")
     train: TrainSettings = field(default_factory=TrainSettings, help="adapter training")

@@ -12,11 +12,17 @@ PLAY_SEED_OFFSET = 20_000  # play episodes never reuse a training episode's seed
 VIDEO_STEPS = 240
 
 
-def load_experiment_model(base_path: str, spec, dtype: str = "float32"):
+def resolve_device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load_experiment_model(base_path: str, spec, dtype: str = "float32", device: str = "cpu"):
     """The base VLM with an adapter merged in (``merge_and_unload``) or a merged ΔW added."""
     from ilora.models.load import load_vlm
 
-    model, processor = load_vlm(base_path, dtype)
+    model, processor = load_vlm(base_path, dtype, device)
     if spec.adapter is not None:
         from peft import PeftModel
 
@@ -107,15 +113,11 @@ def evaluate_model(
         ``{"play": {game: summary}, "blank": {game: summary}, "agreement": {game: ...},
         "general": overall stats}``.
     """
-    import torch
-
     from ilora.atari.agent import VLMAgent
     from ilora.general.benchmark import score_general
     from ilora.models.predict import generate_answers
 
-    if e.threads:
-        torch.set_num_threads(e.threads)
-    model, processor = load_experiment_model(base_path, spec, cfg.train.dtype)
+    model, processor = load_experiment_model(base_path, spec, cfg.train.dtype, resolve_device(cfg.device))
     mode = "generate" if cfg.data.reasoning else "score"
     out: dict[str, Any] = {"play": {}, "blank": {}, "agreement": {}}
     for game in games:

@@ -44,11 +44,37 @@ class ModelSpec:
 class Experiment:
     """Runs the stages of one experiment config in its run folder."""
 
-    def __init__(self, config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print):
+    def __init__(
+        self, config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print, workers: int | None = None
+    ):
         self.cfg = config
         self.runner = StageRunner(Path(config.run_dir), force=force, log=log)
         self.log = log
+        self.workers = config.workers if workers is None else workers
         self.models: dict[str, ModelSpec] = {}
+
+    def parallel(self, method: str, jobs: list[tuple]) -> None:
+        """Run ``getattr(self, method)(*job)`` for every job, spread over worker processes.
+
+        The jobs' stages must be independent of one another. Workers compute them; the
+        parent then re-enters each job, which finds its stage cached and registers its model.
+        """
+        if self.workers > 1 and len(jobs) > 1:
+            import multiprocessing
+
+            pool_jobs = [(self.cfg, self.runner.force, method, job) for job in jobs]
+            with multiprocessing.get_context("spawn").Pool(min(self.workers, len(jobs))) as pool:
+                for _ in pool.imap_unordered(_run_job, pool_jobs):
+                    pass
+            forced, self.runner.force = self.runner.force, ()  # the workers already redid forced stages
+            try:
+                for job in jobs:
+                    getattr(self, method)(*job)
+            finally:
+                self.runner.force = forced
+        else:
+            for job in jobs:
+                getattr(self, method)(*job)
 
     # ----------------------------------------------------------------- helpers
     def stage(self, name: str, config: Any, fn: Callable[[Path], Any], deps=()) -> Path:
@@ -170,16 +196,25 @@ class Experiment:
         """The stage that produced a model."""
         return f"train/{model}" if self.models[model].adapter is not None else model
 
-    def run_training(self) -> None:
+    def training_jobs(self) -> list[tuple]:
+        """``(name, task games, loss weights, steps)`` of every adapter."""
         t = self.cfg.train
         routed_weights = {"eps_kl": t.eps_kl, "eps_norm": t.eps_norm}
+        jobs: list[tuple] = [("joint", list(self.cfg.games), PLAIN, int(t.max_steps * t.joint_steps_factor))]
         for game in self.cfg.games:
-            self.train(f"plain/{game}", [game], PLAIN)
-            self.train(f"routed/{game}", [game], routed_weights)
-        self.train("joint", list(self.cfg.games), PLAIN, steps=t.max_steps * len(self.cfg.games))
+            jobs += [(f"plain/{game}", [game], PLAIN, None), (f"routed/{game}", [game], routed_weights, None)]
         for variant, weights in self.cfg.ablations.variants.items():
-            for game in self.cfg.ablations.games:
-                self.train(f"ablation/{variant}/{game}", [game], {**PLAIN, **weights})
+            jobs += [(f"ablation/{variant}/{g}", [g], {**PLAIN, **weights}, None) for g in self.cfg.ablations.games]
+        return jobs
+
+    def run_training(self) -> None:
+        self.parallel("train", self.training_jobs())
+
+    def register_models(self) -> None:
+        """Fill ``self.models`` from finished training and merge stages (all cached)."""
+        for job in self.training_jobs():
+            self.train(*job)
+        self.run_merges()
 
     def run_merges(self) -> None:
         m = self.cfg.merge
@@ -210,54 +245,74 @@ class Experiment:
         pair = list(self.cfg.ablations.games)
         plan: dict[str, list[str]] = {"base": games}
         for name in self.models:
-            plan[name] = pair if name.startswith(("ablation/", "ablation-merge/")) else games
+            if name.startswith(("ablation/", "ablation-merge/")):
+                plan[name] = pair
+            elif name.startswith("iter/"):
+                _, tag, k = name.split("/")
+                plan[name] = tag.split("-")[: int(k)]  # the games merged so far
+            else:
+                plan[name] = games
         return plan
 
-    def run_eval(self) -> None:
-        from ilora.experiment.evaluation import evaluate_model, evaluate_reference
+    def evaluate_reference(self, game: str) -> None:
+        from ilora.experiment.evaluation import evaluate_reference
 
         e = self.cfg.eval
-        for game in self.cfg.games:
-            self.stage(
-                f"eval/reference/{game}",
-                {"eval": e, "seed": self.cfg.seed, "game": game},
-                lambda folder, game=game: evaluate_reference(game, e, self.cfg.seed, folder),
+        self.stage(
+            f"eval/reference/{game}",
+            {"eval": e, "seed": self.cfg.seed, "game": game},
+            lambda folder: evaluate_reference(game, e, self.cfg.seed, folder),
+        )
+
+    def evaluate(self, name: str, games: list[str]) -> None:
+        """Play ``games`` with model ``name`` and score it (stage ``eval/<name>``)."""
+        from ilora.experiment.evaluation import evaluate_model
+
+        if name != "base" and name not in self.models:
+            self.register_models()
+        e = self.cfg.eval
+        spec = self.models.get(name, ModelSpec())
+        blank = e.blank_check and name.startswith("routed/")
+        deps = ["base"] + ([self.stage_of(name)] if name in self.models else [])
+        deps += [f"data/{g}" for g in games] + ["data/general"]
+
+        def run(folder: Path):
+            return evaluate_model(
+                self.base_path,
+                spec,
+                games,
+                e,
+                self.cfg,
+                folder,
+                heldout={g: self.load_rows(f"data/{g}", "heldout") for g in games},
+                general=self.load_rows("data/general", "test"),
+                blank_game=name.split("/")[1] if blank else None,
             )
-        for name, games in self.eval_plan().items():
-            spec = self.models.get(name, ModelSpec())
-            blank = e.blank_check and name.startswith("routed/")
-            deps = ["base"] + ([self.stage_of(name)] if name in self.models else [])
-            deps += [f"data/{g}" for g in games] + ["data/general"]
 
-            def run(folder: Path, name=name, games=games, spec=spec, blank=blank):
-                return evaluate_model(
-                    self.base_path,
-                    spec,
-                    games,
-                    e,
-                    self.cfg,
-                    folder,
-                    heldout={g: self.load_rows(f"data/{g}", "heldout") for g in games},
-                    general=self.load_rows("data/general", "test"),
-                    blank_game=name.split("/")[1] if blank else None,
-                )
+        self.stage(f"eval/{name}", {"eval": e, "games": games, "blank": blank, "seed": self.cfg.seed}, run, deps)
 
-            self.stage(f"eval/{name}", {"eval": e, "games": games, "blank": blank, "seed": self.cfg.seed}, run, deps)
+    def run_eval(self) -> None:
+        self.parallel("evaluate_reference", [(g,) for g in self.cfg.games])
+        self.parallel("evaluate", [(name, games) for name, games in self.eval_plan().items()])
 
     def run_analysis(self) -> None:
         from ilora.routing.analyze import analyze_activations
 
-        n = 64
-        general = self.load_rows("data/general", "test").select(range(n))
+        n = self.cfg.eval.activation_rows
+
+        def head(rows, k: int):
+            return rows.select(range(min(k, len(rows))))
+
+        general = head(self.load_rows("data/general", "test"), n)
         for kind in ("plain", "routed"):
             game = self.cfg.games[0]
             others = [g for g in self.cfg.games if g != game]
 
             def run(folder: Path, kind=kind, game=game, others=others):
                 data = {
-                    "task": self.load_rows(f"data/{game}", "heldout").select(range(n)),
+                    "task": head(self.load_rows(f"data/{game}", "heldout"), n),
                     "general": general,
-                    "other games": [r for g in others for r in self.load_rows(f"data/{g}", "heldout").select(range(n // len(others)))],
+                    "other games": [r for g in others for r in head(self.load_rows(f"data/{g}", "heldout"), n // len(others))],
                 }
                 table = analyze_activations(self.base_path, self.models[f"{kind}/{game}"].adapter, data, folder / "out")
                 return {"table": table}
@@ -273,6 +328,10 @@ class Experiment:
         return folder / "REPORT.md"
 
     def run(self) -> Path:
+        if self.cfg.threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.threads)
         self.run_base()
         self.run_data()
         self.run_training()
@@ -280,6 +339,16 @@ class Experiment:
         self.run_eval()
         self.run_analysis()
         return self.run_report()
+
+
+def _run_job(args: tuple) -> None:
+    """Worker-process entry of ``Experiment.parallel``."""
+    config, force, method, job = args
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    getattr(Experiment(config, force, workers=1), method)(*job)
 
 
 def run_experiment(config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print) -> Path:

@@ -214,10 +214,10 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     rows.append(retention_row_per_game(res, "routed single-game adapters", "routed", games))
     rows_table4 = rows
     ranking = sorted(((float(r[-1]) if r[-1] not in ("n/a", "") else -math.inf), r[0]) for r in rows[:-1])
-    best = ranking[-1][1] if ranking else "n/a"
+    best = ranking[-1][1] if ranking and math.isfinite(ranking[-1][0]) else "n/a"
     md += ["## 4. Retention after merging all games (paper Table 4)", "",
            table(["method", *games, "mean"], rows), "",
-           f"Best mean retention: **{best}**" + ("" if best == "ilora" else " (I-LoRA is not the best here)") + ".", ""]
+           f"Best mean retention: **{best}**" + ("" if best in ("ilora", "n/a") else " (I-LoRA is not the best here)") + ".", ""]
     plot_bars(folder / "retention.png", [r[0] for r in rows[:-1]],
               {g: [res.retention(m, g)[0] for m in [*merge_models, "joint"]] for g in games},
               "retention", "Retention after merging (1 = single-task score)")

@@ -34,6 +34,7 @@ class BaseConfig:
     learning_rate: float = field(2e-3, help="peak AdamW learning rate (cosine decay, 5% warm-up)")
     weight_decay: float = field(0.01, help="AdamW weight decay")
     dataloader_workers: int = field(0, help="processes encoding batches (use several on a GPU machine)")
+    max_minutes: float = field(0.0, help="stop training after this many minutes (0: no limit); recorded")
 
 
 def base_training_rows(config: BaseConfig, split: str = "train") -> list[dict[str, Any]]:
@@ -70,6 +71,7 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
     import torch
     from transformers import Trainer, TrainingArguments
 
+    from ilora.models.callbacks import TimeBudgetCallback
     from ilora.models.inputs import encode_rows
     from ilora.models.load import load_vlm
     from ilora.models.tiny import build_tiny_vlm
@@ -83,6 +85,8 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
         model, processor = load_vlm(init_dir)
         train_rows = base_training_rows(config, "train")
         test_rows = base_training_rows(config, "test")
+        data_seconds = time.time() - t0
+        print(f"pretraining data: {len(train_rows)} train rows, {len(test_rows)} held-out rows ({data_seconds:.0f} s)")
         args = TrainingArguments(
             output_dir=str(work / "trainer"),
             max_steps=config.steps,
@@ -101,11 +105,13 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=not progress,
         )
+        budget = TimeBudgetCallback(config.max_minutes)
         trainer = Trainer(
             model=model,
             args=args,
             train_dataset=train_rows,
             data_collator=functools.partial(encode_rows, processor),
+            callbacks=[budget],
         )
         result = trainer.train()
         model.eval()
@@ -117,6 +123,9 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
             "config": to_dict(config),
             "seconds": round(time.time() - t0, 1),
             "train_loss": result.training_loss,
+            "steps_done": trainer.state.global_step,
+            "stopped_by_time_budget": budget.stopped_at is not None,
+            "data_seconds": round(data_seconds, 1),
             "loss_log": [h for h in trainer.state.log_history if "loss" in h],
             "heldout": accuracy,
             "device": str(model.device),

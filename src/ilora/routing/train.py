@@ -42,14 +42,16 @@ def load_model_and_processor(model_path: str | os.PathLike, dtype: str = "float3
 
 
 def plot_loss_log(log_history: list[dict[str, Any]], path: Path) -> None:
-    """One panel per loss term (total, lm, kl, norm) against the optimiser step."""
+    """One panel per loss term (total, lm, kl, norm) against the optimiser step (nothing if none was logged)."""
+    keys = ["loss"] + [f"loss_{t}" for t in TERMS]
+    keys = [k for k in keys if any(k in e for e in log_history)]
+    if not keys:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["loss"] + [f"loss_{t}" for t in TERMS]
-    keys = [k for k in keys if any(k in e for e in log_history)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(e["step"], e[key]) for e in log_history if key in e]
