@@ -1,0 +1,85 @@
+"""`configs/quick.yaml` end to end: every stage, the report's tables, caching and redo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ilora.atari.games import get_game
+from ilora.config import load_yaml
+from ilora.experiment.config import ExperimentConfig
+from ilora.experiment.pipeline import Experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+SCORE_BOUNDS = {"Pong": (-21, 21), "Breakout": (0, 864)}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("quick") / "run"
+    config = load_yaml(ExperimentConfig, ROOT / "configs" / "quick.yaml", [f"run_dir={run_dir}"])
+    report = Experiment(config, log=lambda *_: None).run()
+    return config, run_dir, report
+
+
+def test_report_has_every_table_and_figure(quick_run):
+    _, run_dir, report = quick_run
+    text = report.read_text()
+    for heading in ["## 1. Single-task", "## 2. Routing-tuned", "### Damage to the other games", "## 3. General",
+                    "## 4. Retention", "### Offline agreement", "## 5. Iterative", "## 6. LoRA activation norms",
+                    "## 7. Keep-ratio sweep", "Loss ablations", "## Do the models read the images?"]:
+        assert heading in text, heading
+    folder = report.parent
+    for png in ["retention.png", "keep_sweep.png", "heatmap-plain.png", "heatmap-routed.png"]:
+        assert (folder / png).stat().st_size > 1000, png
+    assert list(folder.glob("routed-*.gif"))
+    summary = json.loads((folder / "summary.json").read_text())
+    for cells in summary["retention"].values():
+        for cell in cells:
+            value = cell.split(" ")[0]
+            assert value == "n/a" or math.isfinite(float(value))
+
+
+def test_every_score_is_in_range_with_ordered_ci(quick_run):
+    _, run_dir, _ = quick_run
+    results = [json.loads(p.read_text())["result"] for p in (run_dir / "eval").rglob("stage.json")]
+    assert len(results) > 20
+    checked = 0
+    for result in results:
+        summaries = list(result.get("play", {}).values()) + list(result.get("blank", {}).values())
+        summaries += [result[k] for k in ("random", "expert") if k in result]
+        for s in summaries:
+            lo, hi = SCORE_BOUNDS[s["game"]]
+            assert lo <= s["ci_low"] <= s["mean"] <= s["ci_high"] <= max(hi, s["ci_high"])
+            assert all(lo <= x <= hi for x in s["scores"])
+            assert 0 <= s["invalid_rate"] <= 1
+            checked += 1
+        if "general" in result:
+            g = result["general"]
+            assert 0 <= g["ci95_low"] <= g["accuracy"] <= g["ci95_high"] <= 1
+    assert checked > 40
+
+
+def test_the_scripted_expert_beats_random(quick_run):
+    """The weak form of the report's 'agents really play' bar that the quick budget allows."""
+    _, run_dir, _ = quick_run
+    ref = json.loads((run_dir / "eval" / "reference" / "Breakout" / "stage.json").read_text())["result"]
+    assert ref["expert"]["mean"] > ref["random"]["mean"]
+    assert get_game("Breakout").random_score < ref["expert"]["mean"]
+
+
+def test_rerun_skips_and_a_deleted_stage_is_redone_with_its_dependents(quick_run):
+    config, run_dir, _ = quick_run
+    serial = dataclasses.replace(config, workers=1)
+    again = Experiment(serial, log=lambda *_: None)
+    again.run()
+    assert again.runner.ran == []
+    shutil.rmtree(run_dir / "merge" / "ilora")
+    redo = Experiment(serial, log=lambda *_: None)
+    redo.run()
+    assert sorted(redo.runner.ran) == ["eval/merge/ilora", "merge/ilora", "report"]
