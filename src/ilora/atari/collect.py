@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +25,16 @@ import numpy as np
 
 from ilora.atari.envs import TwoFrameEnv
 from ilora.atari.experts import Policy, Step, get_expert, run_episode
-from ilora.atari.games import DEFAULT_FRAME_SKIP, DEFAULT_REPEAT_ACTION_PROBABILITY, get_game
+from ilora.atari.games import (
+    DEFAULT_FRAME_SKIP,
+    DEFAULT_REPEAT_ACTION_PROBABILITY,
+    get_game,
+)
 from ilora.atari.prompts import build_answer, build_prompt
 from ilora.atari.ram import object_text as ram_object_text
 from ilora.config import field, to_dict
 from ilora.errors import IloraError
+from ilora.fileio import atomic_dir
 
 
 @dataclass
@@ -264,21 +267,6 @@ def collect_dataset(
     return concatenate_datasets(parts)
 
 
-def _atomic_dir(final: Path):
-    """A temporary sibling directory; call ``commit(tmp)`` to rename it onto ``final``."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def commit() -> None:
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    return tmp, commit
-
-
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -326,19 +314,17 @@ def collect_to_disk(config: CollectConfig, out: str | Path, policy: Policy | Non
             folder = out / "episodes" / f"episode_{index:05d}"
             if not (folder / "summary.json").exists():  # resumable: finished episodes are kept
                 dataset, summary = collect_episode(config, index, policy, env)
-                tmp, commit = _atomic_dir(folder)
-                dataset.save_to_disk(str(tmp))
-                _write_json(tmp / "summary.json", summary)
-                commit()
+                with atomic_dir(folder) as tmp:
+                    dataset.save_to_disk(str(tmp))
+                    _write_json(tmp / "summary.json", summary)
             summaries.append(json.loads((folder / "summary.json").read_text()))
             parts.append(load_from_disk(str(folder)))
             bar.set_postfix(score=summaries[-1]["score"], rows=summaries[-1]["rows"])
     finally:
         env.close()
 
-    tmp, commit = _atomic_dir(out / "dataset")
-    concatenate_datasets(parts).save_to_disk(str(tmp))
-    commit()
+    with atomic_dir(out / "dataset") as tmp:
+        concatenate_datasets(parts).save_to_disk(str(tmp))
     summary = summarize(summaries, config)
     _write_json(out / "summary.json", summary)
     return summary

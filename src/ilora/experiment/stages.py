@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ilora.fileio import atomic_dir
 
 RECORD = "stage.json"
 
@@ -89,9 +90,7 @@ class StageRunner:
         elapsed = time.time() - self._started
         self.log(f"[{elapsed:7.1f}s] stage {name} ...")
         t0 = time.time()
-        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(out) as tmp:
             result = fn(tmp)
             fingerprint = uuid.uuid4().hex[:16]
             (tmp / RECORD).write_text(
@@ -108,12 +107,6 @@ class StageRunner:
                     default=str,
                 )
             )
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self._fingerprints[name] = fingerprint
         self.ran.append(name)
         self.log(f"[{time.time() - self._started:7.1f}s] stage {name} done in {time.time() - t0:.1f}s")
@@ -121,7 +114,7 @@ class StageRunner:
 
     def all_stages(self) -> list[str]:
         """Stages run or found cached so far in this session, in order."""
-        return self.skipped + self.ran if not self.ran else list(dict.fromkeys(self.skipped + self.ran))
+        return list(dict.fromkeys(self.skipped + self.ran))
 
     def result(self, name: str) -> Any:
         """The ``result`` a finished stage returned."""

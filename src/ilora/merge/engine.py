@@ -10,13 +10,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ilora.errors import IloraError
+from ilora.fileio import atomic_dir
 from ilora.merge import export
 from ilora.merge.io import (
     RECORD_FORMAT,
     LoraAdapter,
     MergedState,
     MergedStateWriter,
-    atomic_output_dir,
     load_merged_state,
     open_input,
     same_base,
@@ -117,7 +117,7 @@ def merge_adapters(
             deltas[f"{module}.weight"], records[module] = delta, record
         return MergedState(deltas, records, meta)
 
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         writer, records = MergedStateWriter(tmp, shard_bytes), {}
         for module, delta, record in bar:
             _check_finite(module, delta, method)

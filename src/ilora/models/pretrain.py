@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ilora.config import field, to_dict
+from ilora.fileio import atomic_dir
 from ilora.models.tiny import TinyVLMConfig
 
 
@@ -79,8 +79,8 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     t0 = time.time()
     torch.manual_seed(config.seed)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with tempfile.TemporaryDirectory(prefix="ilora-base-") as scratch, atomic_dir(out_dir) as final:
+        work = Path(scratch)
         init_dir = build_tiny_vlm(work / "init", config.model, seed=config.seed)
         model, processor = load_vlm(init_dir)
         train_rows = base_training_rows(config, "train")
@@ -115,9 +115,8 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
         )
         result = trainer.train()
         model.eval()
-        final = model.save_pretrained(work / "model")
-        del final
-        processor.save_pretrained(work / "model")
+        model.save_pretrained(final)
+        processor.save_pretrained(final)
         accuracy = accuracy_by_task(model, processor, test_rows)
         record = {
             "config": to_dict(config),
@@ -131,10 +130,5 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
             "device": str(model.device),
             "torch": torch.__version__,
         }
-        (work / "model" / "pretrain.json").write_text(json.dumps(record, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        (work / "model").rename(out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        (final / "pretrain.json").write_text(json.dumps(record, indent=1))
     return record

@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from ilora.config import field
+from ilora.fileio import atomic_dir
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<|endoftext|>"
@@ -154,7 +153,12 @@ def build_processor(tokenizer, config: TinyVLMConfig):
 def build_model(config: TinyVLMConfig, tokenizer, seed: int = 0):
     """A randomly initialised ``LlavaForConditionalGeneration`` sized by ``config``."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     if config.image_size % config.patch_size:
         raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
@@ -221,15 +225,7 @@ def build_tiny_vlm(
     tokenizer = train_tokenizer(corpus if corpus is not None else default_corpus(), config.vocab_size)
     processor = build_processor(tokenizer, config)
     model = build_model(config, tokenizer, seed=seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

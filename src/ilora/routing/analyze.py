@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ilora.fileio import atomic_dir
 from ilora.routing.collator import RoutingCollator
 from ilora.routing.hooks import LoraOutputRecorder
 
@@ -142,17 +141,8 @@ def analyze_activations(
     for kind, rows in data.items():
         norms[kind], outputs[kind] = lora_activation_norms(peft_model, processor, rows, batch_size, layer, desc=kind)
     table = {"heatmap_layer": layer, "data": activation_table(norms)}
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "activations.json").write_text(json.dumps(table, indent=1))
         (tmp / "activations.txt").write_text(format_table(table["data"]) + "\n")
         plot_heatmaps({k: v for k, v in outputs.items() if v is not None}, layer, tmp / "heatmap.png")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return table

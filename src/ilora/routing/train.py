@@ -10,14 +10,13 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ilora.config import field
 from ilora.errors import IloraError
+from ilora.fileio import atomic_dir
 from ilora.routing.collator import Source, mix_sources
 from ilora.routing.trainer import TERMS, RoutingConfig, RoutingTrainer
 
@@ -63,18 +62,6 @@ def plot_loss_log(log_history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move ``tmp`` to ``out_dir``, replacing an existing folder only once the new one is complete."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-
-
 def train_adapter(
     model_path: str | os.PathLike,
     task_rows: Sequence[Source | Sequence[dict]],
@@ -114,17 +101,11 @@ def train_adapter(
         print(f"ilora train: no checkpoint in {run_dir}, starting from scratch")
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir) as tmp:
             trainer.model.save_pretrained(tmp)
             (tmp / CONFIG_FILE).write_text(args.to_json_string())
             (tmp / LOSS_LOG).write_text(json.dumps(trainer.state.log_history, indent=1))
             plot_loss_log(trainer.state.log_history, tmp / "loss.png")
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     trainer.accelerator.wait_for_everyone()
     return out_dir
 

@@ -1,0 +1,43 @@
+"""Writing outputs atomically: a folder appears complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ilora.errors import IloraError
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` only if the block succeeds.
+
+    Args:
+        out: the final folder.
+        overwrite: replace an existing ``out`` (only once the new one is complete); when
+            ``False`` an existing ``out`` is an error naming it.
+
+    Yields:
+        The temporary folder to write into; it is removed if the block raises.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise IloraError(f"{out}: output already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
