@@ -59,14 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _describe_train_config(describe) -> str:
-    from ilora.routing.train import TrainConfig
+    from ilora.routing.config import TrainConfig
 
     return describe(TrainConfig)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from ilora.config import load_yaml
-    from ilora.routing.train import TrainConfig, train_from_config
+    from ilora.routing.config import TrainConfig
+    from ilora.routing.train import train_from_config
 
     config = load_yaml(TrainConfig, args.config, args.set)
     out = train_from_config(config, resume=args.resume)

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ilora.config import field
 from ilora.errors import IloraError
 from ilora.fileio import atomic_dir
 from ilora.routing.collator import Source, mix_sources
+from ilora.routing.config import DataSpec, TrainConfig
 from ilora.routing.trainer import TERMS, RoutingConfig, RoutingTrainer
 
 LOSS_LOG = "loss_log.json"
@@ -108,30 +108,6 @@ def train_adapter(
             plot_loss_log(trainer.state.log_history, tmp / "loss.png")
     trainer.accelerator.wait_for_everyone()
     return out_dir
-
-
-@dataclasses.dataclass
-class DataSpec:
-    """One saved dataset (``datasets.load_from_disk`` folder) and how many rows to draw."""
-
-    path: str = field(help="folder written by datasets.save_to_disk, rows following the example contract")
-    size: int | None = field(None, help="rows drawn from it (default: all; more than its length repeats rows)")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """What ``ilora train`` reads: model, data and training settings."""
-
-    model: str = field(help="HF model folder or hub id (VLM or causal LM)")
-    out: str = field(help="adapter output folder (checkpoints go to <out>.run)")
-    task_data: list[DataSpec] = field(default_factory=list, help="task datasets (route 'task': LM loss)")
-    general_data: list[DataSpec] = field(
-        default_factory=list, help="general datasets: general VL data and other games (route 'general')"
-    )
-    dtype: str = field("float32", help="model dtype: float32, bfloat16, float16")
-    training: dict[str, Any] = field(
-        default_factory=dict, help="RoutingConfig fields: eps_lm/eps_kl/eps_norm, lora_r, learning_rate, ..."
-    )
 
 
 def routing_config(training: dict[str, Any], where: str = "training") -> RoutingConfig:
