@@ -4,11 +4,15 @@ The base model must learn to read game screens and object-state text — where t
 how they relate — without ever seeing a game's policy (that is the adapters' job). Frames
 come from random play; the answers come from the RAM readers in ``ilora.atari.ram``.
 
-Two families:
+Three families:
 - ``relation``: the object-state text is in the prompt; the question asks for one relation
   word (``above``, ``left``, ``in reach`` ...). Teaches the language model to read the text.
 - ``where``: no text; the question asks for an object's coarse cell in the later frame.
   Only the pixels carry the answer, which pushes the vision tower to localise objects.
+- ``action_format``: the game's own playing prompt (rules, numbered actions, object text)
+  followed by a question naming an action number; the answer is ``Action: NAME``. Teaches
+  the answer format and the action list, as any instruction-tuned VLM knows them, without
+  any policy (the number asked is random).
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ import numpy as np
 from PIL import Image
 
 from ilora.atari.envs import TwoFrameEnv
+from ilora.atari.prompts import build_answer, build_prompt
 from ilora.atari.ram import CELL, READERS, object_facts
 
-FAMILIES = ("relation", "where")
+FAMILIES = ("relation", "where", "action_format")
 
 
 def relation_question(key: str) -> str:
     """``"ball_vs_paddle"`` -> ``"What is the ball vs paddle relation?"``."""
     return f"What is the {key.replace('_', ' ')} relation?"
+
+
+def action_number_question(number: int) -> str:
+    return f"Question: which action has number {number}?"
 
 
 def where_question(obj: str) -> str:
@@ -71,7 +80,11 @@ def grounding_rows(
             o = obs[game]
             facts = object_facts(game, *o.rams)
             images = [Image.fromarray(f) for f in o.frames]
-            if family == "relation":
+            if family == "action_format":
+                k = int(rng.integers(len(env.action_names)))
+                prompt = f"{build_prompt(game, object_text=facts.text(), reasoning=False)}\n{action_number_question(k)}"
+                answer = build_answer(None, env.action_names[k])
+            elif family == "relation":
                 key = sorted(facts.relations)[int(rng.integers(len(facts.relations)))]
                 prompt = f"{facts.text()}\n{relation_question(key)}"
                 answer = facts.relations[key]
@@ -85,7 +98,7 @@ def grounding_rows(
             rows.append(
                 {
                     "images": images,
-                    "prompt": f"Game: {game}.\n{prompt}",
+                    "prompt": prompt if family == "action_format" else f"Game: {game}.\n{prompt}",
                     "answer": answer,
                     "task": f"grounding_{family}",
                     "source": "atari_grounding",

@@ -25,9 +25,10 @@ class BaseConfig:
     """How the default base model is built and pretrained."""
 
     model: TinyVLMConfig = field(default_factory=TinyVLMConfig, help="sizes of the tiny VLM")
+    init: str | None = field(None, help="continue from this model folder instead of a fresh tiny VLM (sizes then ignored)")
     seed: int = field(0, help="seed for weights, data and training order")
     general_rows: int = field(6000, help="general scene/Atari-frame training rows")
-    grounding_rows: int = field(3000, help="Atari grounding training rows (relations + object cells)")
+    grounding_rows: int = field(3000, help="Atari grounding rows (relations, object cells, answer format)")
     test_rows: int = field(600, help="held-out general rows for the accuracy printed at the end")
     steps: int = field(1500, help="optimizer steps")
     batch_size: int = field(32, help="rows per step")
@@ -81,7 +82,7 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
     torch.manual_seed(config.seed)
     with tempfile.TemporaryDirectory(prefix="ilora-base-") as scratch, atomic_dir(out_dir) as final:
         work = Path(scratch)
-        init_dir = build_tiny_vlm(work / "init", config.model, seed=config.seed)
+        init_dir = config.init or build_tiny_vlm(work / "init", config.model, seed=config.seed)
         model, processor = load_vlm(init_dir)
         train_rows = base_training_rows(config, "train")
         test_rows = base_training_rows(config, "test")
