@@ -48,7 +48,7 @@ def test_report_has_every_table_and_figure(quick_run):
 def test_every_score_is_in_range_with_ordered_ci(quick_run):
     _, run_dir, _ = quick_run
     results = [json.loads(p.read_text())["result"] for p in (run_dir / "eval").rglob("stage.json")]
-    assert len(results) > 20
+    assert len(results) >= 15  # references, base, adapters, merges, iterations, ablations
     checked = 0
     for result in results:
         summaries = list(result.get("play", {}).values()) + list(result.get("blank", {}).values())

@@ -115,7 +115,8 @@ class Experiment:
                 held.save_to_disk(str(folder / "heldout"))
                 return {"train_rows": len(train), "heldout_rows": len(held)}
 
-            self.stage(f"data/{game}", {"data": d, "game": game, "seed": self.cfg.seed}, collect)
+            collection = {k: getattr(d, k) for k in ("episodes", "heldout_episodes", "max_steps", "object_text", "reasoning")}
+            self.stage(f"data/{game}", {**collection, "game": game, "seed": self.cfg.seed}, collect)
 
         def general(folder: Path):
             generate_general(d.general_rows, self.cfg.seed, "train").save_to_disk(str(folder / "train"))
