@@ -8,8 +8,10 @@ with ``single`` the single-task (plain LoRA) adapter of that game: the paper's p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,57 +91,33 @@ class Results:
         return math.nan if p is None or e <= r else (p["mean"] - r) / (e - r)
 
 
-def retention_row(res: Results, label: str, model: str, games: list[str]) -> list[str]:
+def retention_row(res: Results, label: str, model: str | Callable[[str], str], games: list[str]) -> list[str]:
+    """``[label, "r [lo, hi]" per game, mean]``; ``model`` is one model or a function of the game."""
+    model_for = model if callable(model) else (lambda g: model)
     cells, values = [], []
     for g in games:
-        v, lo, hi = res.retention(model, g)
+        v, lo, hi = res.retention(model_for(g), g)
         values.append(v)
         cells.append(f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]")
     finite = [v for v in values if not math.isnan(v)]
     return [label, *cells, fmt(float(np.mean(finite)) if finite else math.nan)]
 
 
-def retention_row_per_game(res: Results, label: str, kind: str, games: list[str]) -> list[str]:
-    """Retention of each game's own ``<kind>/<game>`` adapter on that game (not a merged model)."""
-    cells, values = [], []
-    for g in games:
-        v, lo, hi = res.retention(f"{kind}/{g}", g)
-        values.append(v)
-        cells.append(f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]")
-    finite = [v for v in values if not math.isnan(v)]
-    return [label, *cells, fmt(float(np.mean(finite)) if finite else math.nan)]
+def own_adapter(kind: str) -> Callable[[str], str]:
+    """Each game's own single-game adapter of ``kind`` (``plain``, ``routed``)."""
+    return lambda game: f"{kind}/{game}"
 
 
-def plot_bars(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
+@contextlib.contextmanager
+def figure(path: Path, size: tuple[float, float], title: str, ylabel: str, xlabel: str = ""):
+    """A matplotlib axes saved to ``path`` (PNG) when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) * max(1, len(series)) / 2), 4))
-    width = 0.8 / max(1, len(series))
-    for i, (name, values) in enumerate(series.items()):
-        ax.bar(np.arange(len(labels)) + i * width, [0 if math.isnan(v) else v for v in values], width, label=name)
-    ax.set_xticks(np.arange(len(labels)) + width * (len(series) - 1) / 2)
-    ax.set_xticklabels(labels, rotation=30, ha="right")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_line(path: Path, xs: list[float], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, values in ys.items():
-        ax.plot(xs, values, marker="o", label=name)
+    fig, ax = plt.subplots(figsize=size)
+    yield ax
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -147,6 +125,22 @@ def plot_line(path: Path, xs: list[float], ys: dict[str, list[float]], xlabel: s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_bars(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
+    width = 0.8 / max(1, len(series))
+    with figure(path, (max(6, 0.3 * len(labels) * max(1, len(series))), 4), title, ylabel) as ax:
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar(np.arange(len(labels)) + i * width, [0 if math.isnan(v) else v for v in values], width, label=name)
+        ax.set_xticks(np.arange(len(labels)) + width * (len(series) - 1) / 2)
+        ax.set_xticklabels(labels, rotation=30, ha="right")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+
+
+def plot_line(path: Path, xs: list[float], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str) -> None:
+    with figure(path, (5, 3.6), title, ylabel, xlabel) as ax:
+        for name, values in ys.items():
+            ax.plot(xs, values, marker="o", label=name)
 
 
 def write_report(experiment, folder: Path) -> dict[str, Any]:
@@ -179,7 +173,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
 
     # Table 2: routed vs single-task.
     md += ["## 2. Routing-tuned vs single-task (paper Table 2)", "",
-           table(["", *games, "mean"], [retention_row_per_game(res, "routed / single-task", "routed", games)]), ""]
+           table(["", *games, "mean"], [retention_row(res, "routed / single-task", own_adapter("routed"), games)]), ""]
 
     # Forgetting: each single-game adapter played on the other games.
     rows = []
@@ -211,7 +205,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     merge_models = [f"merge/{m}" for m in cfg.merge.methods]
     rows = [retention_row(res, m.removeprefix("merge/"), m, games) for m in merge_models]
     rows.append(retention_row(res, "joint multi-task LoRA", "joint", games))
-    rows.append(retention_row_per_game(res, "routed single-game adapters", "routed", games))
+    rows.append(retention_row(res, "routed single-game adapters", own_adapter("routed"), games))
     rows_table4 = rows
     ranking = sorted(((float(r[-1]) if r[-1] not in ("n/a", "") else -math.inf), r[0]) for r in rows[:-1])
     best = ranking[-1][1] if ranking and math.isfinite(ranking[-1][0]) else "n/a"
