@@ -238,21 +238,25 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
                table(["order / games merged", *[f"game {i + 1}" for i in range(len(games))], "mean"], rows), ""]
 
     # Table 6 / Figure 5: activation norms.
-    md += ["## 6. LoRA activation norms on task vs general data (paper Table 6, Figure 5)", ""]
+    md += ["## 6. LoRA activation norms on task vs general data (paper Table 6, Figure 5)", "",
+           f"Mean squared LoRA-B output norm (scaling included), averaged over layers, of `{games[0]}`'s adapters on "
+           "held-out rows of each data type; the heatmaps show one layer's LoRA-B outputs per position.", ""]
+    rows, kinds = [], []
     for kind in ("plain", "routed"):
         name = f"analysis/{kind}/{games[0]}"
         try:
-            tab = experiment.runner.result(name)["table"]
+            data = experiment.runner.result(name)["table"]["data"]
         except (KeyError, FileNotFoundError):
             continue
-        avg = tab.get("average", tab)
-        md.append(f"- `{kind}/{games[0]}` mean squared LoRA-B output norm: " +
-                  ", ".join(f"{k}: {v:.4g}" for k, v in avg.items() if isinstance(v, (int, float))))
+        types = list(data)
+        rows.append([f"{kind}/{games[0]}", *[f"{data[t]['average']:.4g}" for t in types]])
+        kinds.append(kind)
         png = experiment.runner.folder(name) / "out" / "heatmap.png"
         if png.is_file():
-            target = folder / f"heatmap-{kind}.png"
-            target.write_bytes(png.read_bytes())
-            md.append(f"\n![{kind} heatmap](heatmap-{kind}.png)\n")
+            (folder / f"heatmap-{kind}.png").write_bytes(png.read_bytes())
+    if rows:
+        md += [table(["adapter", *types], rows), ""]
+        md += [f"![{k} heatmap](heatmap-{k}.png)" for k in kinds if (folder / f"heatmap-{k}.png").is_file()]
     md.append("")
 
     # Figure 4: keep-ratio sweep.
