@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from ilora.atari.games import get_game
 from ilora.config import load_yaml
 from ilora.experiment.config import ExperimentConfig
 from ilora.experiment.pipeline import Experiment
@@ -70,7 +69,6 @@ def test_the_scripted_expert_beats_random(quick_run):
     _, run_dir, _ = quick_run
     ref = json.loads((run_dir / "eval" / "reference" / "Breakout" / "stage.json").read_text())["result"]
     assert ref["expert"]["mean"] > ref["random"]["mean"]
-    assert get_game("Breakout").random_score < ref["expert"]["mean"]
 
 
 def test_rerun_skips_and_a_deleted_stage_is_redone_with_its_dependents(quick_run):

@@ -325,7 +325,9 @@ class Experiment:
         from ilora.experiment.report import write_report
 
         deps = [s for s in self.runner.all_stages() if not s.startswith("report")]
-        folder = self.stage("report", to_dict(self.cfg), lambda folder: write_report(self, folder), deps)
+        # How many processes and threads ran the stages does not change the report.
+        settings = {k: v for k, v in to_dict(self.cfg).items() if k not in ("workers", "threads")}
+        folder = self.stage("report", settings, lambda folder: write_report(self, folder), deps)
         return folder / "REPORT.md"
 
     def run(self) -> Path:
