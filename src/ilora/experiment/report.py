@@ -184,12 +184,12 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
                 if other == g:
                     cells.append("—")
                     continue
-                v = res.retention(f"{kind}/{g}", other, single="base")
-                cells.append(fmt(v[0]))
+                adapter, base = res.play(f"{kind}/{g}", other), res.play("base", other)
+                cells.append("n/a" if adapter is None or base is None else f"{adapter['mean'] - base['mean']:+.1f}")
             rows.append([f"{kind}/{g}", *cells])
     md += ["### Damage to the other games", "",
-           "Score of a one-game adapter on each other game, relative to the base model on that game "
-           "(random-baselined; 1 = no damage; n/a where the base model does not beat random).", "",
+           "Mean score of a one-game adapter on each other game minus the base model's score there "
+           "(0 = no change; negative = forgetting).", "",
            table(["adapter", *games], rows), ""]
 
     # Table 3: general benchmark.
