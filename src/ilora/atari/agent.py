@@ -297,16 +297,12 @@ def load_agent(
     The adapter is merged into the weights in memory (``merge_and_unload``): the same function,
     without the per-layer adapter overhead at every step. ``agent_options`` go to :class:`VLMAgent`.
     """
-    from ilora.models.load import load_vlm
+    from ilora.models.load import load_vlm_merged
 
     game = get_game(game)  # fail on bad input before loading anything
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise IloraError(f"{adapter}: no adapter_config.json, not a PEFT adapter folder")
-    vlm, processor = load_vlm(model, dtype, device)
-    if adapter is not None:
-        from peft import PeftModel
-
-        vlm = PeftModel.from_pretrained(vlm, adapter).merge_and_unload().eval()
+    vlm, processor = load_vlm_merged(model, adapter, dtype=dtype, device=device)
     agent = VLMAgent(vlm, processor, game, **agent_options)
     agent.source = {"model": str(model), "adapter": None if adapter is None else str(adapter), "dtype": str(dtype)}
     return agent

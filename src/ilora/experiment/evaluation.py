@@ -18,23 +18,6 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def load_experiment_model(base_path: str, spec, dtype: str = "float32", device: str = "cpu"):
-    """The base VLM with an adapter merged in (``merge_and_unload``) or a merged ΔW added."""
-    from ilora.models.load import load_vlm
-
-    model, processor = load_vlm(base_path, dtype, device)
-    if spec.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(spec.adapter)).merge_and_unload()
-    if spec.merged is not None:
-        from ilora.merge.export import apply_merged_state
-        from ilora.merge.io import load_merged_state
-
-        apply_merged_state(model, load_merged_state(spec.merged))
-    return model.eval(), processor
-
-
 def play(policy, game: str, e: EvalSettings, seed: int, folder: Path, tag: str, blank: bool = False, video: bool = False) -> dict:
     """Play ``e.episodes`` of ``game``; save the result JSON (and a GIF); return the summary."""
     from ilora.atari.evaluate import play_episodes, save_result, summarize
@@ -115,9 +98,10 @@ def evaluate_model(
     """
     from ilora.atari.agent import VLMAgent
     from ilora.general.benchmark import score_general
+    from ilora.models.load import load_vlm_merged
     from ilora.models.predict import generate_answers
 
-    model, processor = load_experiment_model(base_path, spec, cfg.train.dtype, resolve_device(cfg.device))
+    model, processor = load_vlm_merged(base_path, spec.adapter, spec.merged, cfg.train.dtype, resolve_device(cfg.device))
     mode = "generate" if cfg.data.reasoning else "score"
     out: dict[str, Any] = {"play": {}, "blank": {}, "agreement": {}}
     for game in games:

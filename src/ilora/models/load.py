@@ -86,6 +86,34 @@ def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float3
     return model, processor
 
 
+def load_vlm_merged(
+    name_or_path: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    merged_state: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+):
+    """A VLM with a PEFT adapter folded into its weights and/or a merged ΔW state added.
+
+    Folding (``merge_and_unload``) computes the same function without per-layer adapter
+    overhead at every forward, which is what playing and scoring want.
+
+    Returns:
+        ``(model, processor)``, the model in eval mode.
+    """
+    model, processor = load_vlm(name_or_path, dtype, device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    if merged_state is not None:
+        from ilora.merge.export import apply_merged_state
+        from ilora.merge.io import load_merged_state
+
+        apply_merged_state(model, load_merged_state(merged_state))
+    return model.eval(), processor
+
+
 def check_processor(model: nn.Module, processor, where: str | os.PathLike = "model") -> None:
     """Refuse a processor whose image token is not the one the model expects."""
     token = getattr(processor, "image_token", None)
