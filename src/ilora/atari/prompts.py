@@ -1,9 +1,11 @@
 """The benchmark's prompt and answer text, and the exact-match action parser.
 
-The prompt goes with two images (earlier, later frame; the images come first in the user turn,
-the processor's chat template places them). It holds the rules, the numbered action meanings,
-optionally the object-state text, and the instruction. The answer is either reasoning followed
-by ``Action: NAME`` or just ``Action: NAME`` (direct).
+The user turn is: the constant per-game text (:func:`build_context`: the rules and the numbered
+action meanings), then the two images (earlier, later frame; the processor's chat template places
+them), then the per-step text (:func:`build_step_prompt`: optionally the object-state text, and
+the instruction). Constant text first lets an agent compute its KV cache once per game.
+:func:`build_prompt` joins both parts into one text. The answer is either reasoning followed by
+``Action: NAME`` or just ``Action: NAME`` (direct).
 """
 
 from __future__ import annotations
@@ -58,25 +60,21 @@ def action_list(action_names: tuple[str, ...] | list[str], game: str | Game | No
     return "\n".join(f"{i}. {name}: {describe_action(name, game)}" for i, name in enumerate(action_names))
 
 
-def build_prompt(
+def build_context(
     game: str | Game,
     *,
-    object_text: str | None = None,
-    reasoning: bool = True,
     action_names: tuple[str, ...] | None = None,
     frame_skip: int = DEFAULT_FRAME_SKIP,
 ) -> str:
-    """The user text that accompanies the two frames.
+    """The constant per-game text, placed before the two frames (a row's ``context``).
 
     Args:
         game: The game (or its name).
-        object_text: Object-state text from :func:`ilora.atari.ram.object_text`, or ``None``.
-        reasoning: Ask for reasoning before the action (else only ``Action: NAME``).
         action_names: The actions the environment accepts; defaults to the minimal set.
         frame_skip: Emulator frames between the two images.
 
     Returns:
-        The prompt text.
+        The intro, the rules and the numbered actions.
     """
     game = get_game(game)
     names = action_names if action_names is not None else game.action_names
@@ -86,6 +84,20 @@ def build_prompt(
         f"Rules: {game.rules}",
         f"Actions:\n{action_list(names, game)}",
     ]
+    return "\n\n".join(parts)
+
+
+def build_step_prompt(*, object_text: str | None = None, reasoning: bool = True) -> str:
+    """The per-step text, placed after the two frames (a row's ``prompt``).
+
+    Args:
+        object_text: Object-state text from :func:`ilora.atari.ram.object_text`, or ``None``.
+        reasoning: Ask for reasoning before the action (else only ``Action: NAME``).
+
+    Returns:
+        The object-state text (if any), then the answer instruction.
+    """
+    parts = []
     if object_text:
         parts.append(object_text)
     if reasoning:
@@ -96,6 +108,23 @@ def build_prompt(
     else:
         parts.append(f"Answer only with '{ACTION_PREFIX} NAME' using one of the action names above.")
     return "\n\n".join(parts)
+
+
+def build_prompt(
+    game: str | Game,
+    *,
+    object_text: str | None = None,
+    reasoning: bool = True,
+    action_names: tuple[str, ...] | None = None,
+    frame_skip: int = DEFAULT_FRAME_SKIP,
+) -> str:
+    """The whole user text as one string: :func:`build_context`, then :func:`build_step_prompt`.
+
+    For single-text layouts (text after the images); the game's rows and the agent place the
+    two parts around the frames instead (``context``, images, ``prompt``).
+    """
+    context = build_context(game, action_names=action_names, frame_skip=frame_skip)
+    return "\n\n".join([context, build_step_prompt(object_text=object_text, reasoning=reasoning)])
 
 
 def build_answer(reasoning: str | None, action: str) -> str:
