@@ -130,7 +130,7 @@ def test_score_mode_is_the_exact_answer_likelihood_under_left_padding(tiny_vlm):
     reference = torch.zeros_like(scores)
     for b, row in enumerate(rows):
         for c, name in enumerate(agent.action_names):
-            f = encode_example(processor, row["images"], row["prompt"], build_answer(None, name))
+            f = encode_example(processor, row["images"], row["prompt"], build_answer(None, name), context=row["context"])
             ids, labels = torch.tensor([f["input_ids"]]), torch.tensor(f["labels"])
             with torch.inference_mode():
                 logp = model(input_ids=ids, pixel_values=f["pixel_values"]).logits[0, :-1].float().log_softmax(-1)

@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from ilora.errors import IloraError
-from ilora.models.inputs import IGNORE_INDEX, encode_example, encode_rows
+from ilora.models.inputs import (
+    IGNORE_INDEX,
+    chat_messages,
+    encode_example,
+    encode_row,
+    encode_rows,
+)
 from ilora.models.load import load_model, load_vlm, lora_target_modules
 from ilora.models.tiny import TinyVLMConfig, build_tiny_vlm
 
@@ -65,6 +71,32 @@ def test_generation_runs_and_returns_new_tokens(tiny_vlm):
     batch = encode_rows(processor, [{"images": [frame(0)], "prompt": "How many circles?"}], with_answer=False, padding_side="left")
     out = model.generate(**batch, max_new_tokens=5, do_sample=False)
     assert out.shape[0] == 1 and 0 < out.shape[1] - batch["input_ids"].shape[1] <= 5
+
+
+def test_context_goes_before_the_images_and_rows_without_it_are_unchanged(tiny_vlm):
+    _, processor = tiny_vlm
+    tok = processor.tokenizer
+    assert [part["type"] for part in chat_messages(2, "p", "c")[0]["content"]] == ["text", "image", "image", "text"]
+    assert chat_messages(2, "p", "") == chat_messages(2, "p") == chat_messages(2, "p", None)
+    images = [frame(0), frame(1)]
+    plain = encode_example(processor, images, "ball is above the paddle", "Action: RIGHT")
+    with_context = encode_example(processor, images, "ball is above the paddle", "Action: RIGHT", context="Rules: hit it.")
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    first = with_context["input_ids"].index(image_id)
+    assert tok.decode(with_context["input_ids"][:first]).endswith("Rules: hit it.")
+    assert tok.decode(plain["input_ids"][: plain["input_ids"].index(image_id)]).strip().endswith("user")
+    # Same images, prompt and answer after the context: the tail of the sequence is identical.
+    n = len(plain["input_ids"]) - plain["input_ids"].index(image_id)
+    assert with_context["input_ids"][-n:] == plain["input_ids"][-n:]
+    assert with_context["labels"][-n:] == plain["labels"][-n:]
+    assert torch.equal(with_context["pixel_values"], plain["pixel_values"])
+    # encode_row reads the optional column; encode_rows (training, prediction) goes through it.
+    row = {"images": images, "context": "Rules: hit it.", "prompt": "ball is above the paddle", "answer": "Action: RIGHT"}
+    assert encode_row(processor, row)["input_ids"] == with_context["input_ids"]
+    assert encode_row(processor, {**row, "context": ""})["input_ids"] == plain["input_ids"]
+    assert encode_rows(processor, [row])["input_ids"][0].tolist() == with_context["input_ids"]
+    with pytest.raises(IloraError, match="image token"):
+        encode_example(processor, images, "x", context="see <image>")
 
 
 def test_images_of_other_modes_are_converted(tiny_vlm):

@@ -9,6 +9,10 @@ environment) into one batch of model inputs and answers them all with one model 
   action is the most likely complete answer among the valid ones; when greedy decoding's answer
   is valid and has probability above 1/2 it is necessarily that answer, so both pick the same
   action whenever the model is confident (and score mode can never produce an invalid answer).
+  The prompt starts with the game's constant text (chat-template start, rules, actions: the
+  row's ``context``, before the frames); its KV cache is computed once per agent
+  (:class:`PromptPrefix`) and shared by every step and every environment of the batch, so each
+  step runs the model only over the frames, the per-step text and the answers.
 - ``mode="generate"`` decodes greedily (left padding, KV cache, ``max_new_tokens``) and reads
   the action from the text with :func:`ilora.atari.prompts.parse_action`. An empty or invalid
   answer becomes NOOP and is flagged, so the evaluation can count it.
@@ -30,10 +34,21 @@ import torch
 from ilora.atari.envs import Observation
 from ilora.atari.experts import Decision
 from ilora.atari.games import Game, get_game
-from ilora.atari.prompts import build_answer, build_prompt, parse_action
+from ilora.atari.prompts import (
+    build_answer,
+    build_context,
+    build_step_prompt,
+    parse_action,
+)
 from ilora.atari.ram import READERS, has_object_text, object_text
 from ilora.errors import IloraError
-from ilora.models.inputs import encode_rows
+from ilora.models.inputs import (
+    chat_text,
+    check_images,
+    encode_row,
+    encode_rows,
+    image_token,
+)
 
 MODES = ("score", "generate")
 
@@ -76,6 +91,123 @@ def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class PromptPrefix:
+    """The tokens every prompt of an agent starts with, their KV cache, and an exact fast encoder
+    for the rest of each prompt.
+
+    The prefix is the chat template's start plus the row's ``context`` (the game's rules and
+    actions): every token before the first image placeholder, the same at every step. Its KV cache
+    is computed once and expanded along the batch dimension at each call (a new cache object per
+    call: the stored tensors are never modified). The rest of each prompt (image tokens, per-step
+    text, the template's end) is tokenised on its own, which gives the processor's tokens because
+    an image placeholder is a special token that the tokenizer never merges across; each frame's
+    pixel values are computed once and reused at the next step, where the later frame becomes the
+    earlier one. :meth:`build` checks both against :func:`~ilora.models.inputs.encode_row` on a
+    real row and refuses (returns the reason) when they differ.
+
+    Attributes:
+        ids: The prefix's token ids.
+        head: The rendered chat text they come from (every row's text must start with it).
+        tokens_per_image: Image tokens the processor expands each placeholder into.
+        layers: Per decoder layer, the prefix's ``(keys, values)``, batch 1.
+    """
+
+    def __init__(self, processor, ids: list[int], head: str, tokens_per_image: int, layers: list) -> None:
+        self.processor = processor
+        self.ids = ids
+        self.head = head
+        self.tokens_per_image = tokens_per_image
+        self.layers = layers
+        self._marker = image_token(processor)
+        self._pixels: dict[tuple, torch.Tensor] = {}  # the last call's frames -> pixel values
+
+    @classmethod
+    def build(cls, model, processor, row: dict) -> PromptPrefix | str:
+        """The prefix of ``row`` (``images``, ``context``, ``prompt``) with its KV cache from ``model``.
+
+        Returns:
+            The prefix, or a string saying why the fast encoding cannot be used for this processor.
+        """
+        kernel = _attention_kernel(model)
+        if kernel not in ("sdpa", "eager"):  # padding between prefix and rest: checked with these only
+            return f"attention kernel {kernel!r} (the prefix cache is checked with 'sdpa' and 'eager')"
+        marker = image_token(processor)
+        marker_id = processor.tokenizer.convert_tokens_to_ids(marker)
+        full = encode_row(processor, row, with_answer=False)
+        ids, n_images = full["input_ids"], len(row.get("images") or [])
+        if n_images == 0 or marker_id not in ids:
+            return "the prompt has no image placeholder to cut at"
+        if ids.count(marker_id) % n_images:
+            return f"{ids.count(marker_id)} image tokens for {n_images} images"
+        cut = ids.index(marker_id)
+        text = chat_text(processor, n_images, row["prompt"], row.get("context"))
+        prefix = cls(processor, ids[:cut], text[: text.index(marker)], ids.count(marker_id) // n_images, [])
+        try:
+            suffixes, pixels = prefix._encode_parts([row])
+        except IloraError as err:
+            return str(err)
+        if suffixes[0] != ids[cut:]:
+            return "the text after the prefix, tokenised on its own, gives other tokens than the processor"
+        if full["pixel_values"] is None or not torch.equal(pixels, full["pixel_values"]):
+            return "the image processor alone gives other pixel values than the processor"
+        device = next(model.parameters()).device
+        # Plain (not inference-mode) tensors: the cache may be used outside inference mode later.
+        with torch.inference_mode(False), torch.no_grad():
+            out = model(input_ids=torch.tensor([prefix.ids], device=device), use_cache=True, logits_to_keep=1)
+        layers = getattr(out.past_key_values, "layers", None)
+        if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+            return f"unsupported cache type {type(out.past_key_values).__name__}"
+        prefix.layers = [(layer.keys, layer.values) for layer in layers]
+        return prefix
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def cache(self, batch_size: int):
+        """A fresh cache holding the prefix for ``batch_size`` rows (the stored tensors stay untouched)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(
+            ddp_cache_data=[(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
+        )
+
+    def _pixel_values(self, images: list) -> torch.Tensor:
+        keys = [(img.size, img.mode, img.tobytes()) for img in images]
+        missing = {key: img for key, img in zip(keys, images) if key not in self._pixels}
+        if missing:
+            out = self.processor.image_processor(list(missing.values()), return_tensors="pt")
+            if set(out.keys()) != {"pixel_values"}:
+                raise IloraError(f"the image processor returns {sorted(out.keys())}, not only pixel values")
+            self._pixels.update(zip(missing, out["pixel_values"]))
+        pixels = torch.stack([self._pixels[key] for key in keys])
+        self._pixels = {key: self._pixels[key] for key in keys}  # later frames are next step's earlier ones
+        return pixels
+
+    def _encode_parts(self, rows: Sequence[dict]) -> tuple[list[list[int]], torch.Tensor]:
+        texts = []
+        for row in rows:
+            text = chat_text(self.processor, len(row["images"]), row["prompt"], row.get("context"))
+            if not text.startswith(self.head):
+                raise IloraError("a row's prompt does not start with the cached prefix (another context?)")
+            texts.append(text[len(self.head) :].replace(self._marker, self._marker * self.tokens_per_image))
+        suffixes = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return suffixes, self._pixel_values(check_images([img for row in rows for img in row["images"]]))
+
+    def encode(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The rows' prompts after the prefix, left-padded: ``input_ids [B, S]``, ``attention_mask
+        [B, P + S]`` (the prefix, then the padded rest: what the cached forward attends to) and
+        ``pixel_values``. Padding sits between the prefix and each row's rest."""
+        suffixes, pixels = self._encode_parts(rows)
+        n_prefix, width = len(self.ids), max(len(s) for s in suffixes)
+        ids = torch.full((len(rows), width), self.processor.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), n_prefix + width), dtype=torch.long)
+        mask[:, :n_prefix] = 1
+        for i, suffix in enumerate(suffixes):
+            ids[i, width - len(suffix) :] = torch.tensor(suffix)
+            mask[i, n_prefix + width - len(suffix) :] = 1
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
 class VLMAgent:
     """A VLM (with its processor) acting in one game; answers a batch of observations per call.
 
@@ -90,6 +222,11 @@ class VLMAgent:
         max_new_tokens: Generation budget per step in generate mode.
         generation_options: Further ``generate`` keyword arguments (e.g. ``min_new_tokens`` to time
             answers of a fixed length); decoding stays greedy.
+        prefix_cache: Score mode: compute the KV cache of the prompts' constant start once and
+            reuse it (same scores as without, within float rounding). It is built on the first
+            call from the model as it is then: call :meth:`clear_prefix_cache` after changing the
+            model's weights. Turned off (see ``prefix_cache_off``) for a processor whose encoding
+            the fast path cannot reproduce exactly.
     """
 
     def __init__(
@@ -103,6 +240,7 @@ class VLMAgent:
         object_text: bool = False,
         max_new_tokens: int = 96,
         generation_options: dict | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         if mode not in MODES:
             raise IloraError(f"agent mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -126,7 +264,12 @@ class VLMAgent:
         self.action_names: tuple[str, ...] = self.game.action_names
         self.noop = noop_action(self.action_names)
         self.model_seconds = 0.0  # time spent encoding + in the model, for the benchmark
+        self.encode_seconds = 0.0  # the part of it spent building rows and model inputs
         self.source: dict = {}  # where the weights came from (model, adapter), for the result files
+        self.context = build_context(self.game, action_names=self.action_names)
+        self.prefix_cache = prefix_cache and mode == "score"
+        self.prefix_cache_off: str | None = None  # why the prefix cache was turned off, if it was
+        self._prefix: PromptPrefix | None = None
         if mode == "score":
             self._prefix_ids, self._suffix_ids, self._suffix_mask = self._candidate_tokens()
 
@@ -151,34 +294,60 @@ class VLMAgent:
         return next(self.model.parameters()).dtype
 
     def rows(self, observations: Sequence[Observation]) -> list[dict]:
-        """Example rows (images + prompt) for the observations, as training encodes them."""
+        """Example rows (context + images + prompt) for the observations, as training encodes them."""
         rows = []
         for obs in observations:
             text = object_text(self.game, *obs.rams) if self.object_text else None
-            prompt = build_prompt(self.game, object_text=text, reasoning=self.reasoning, action_names=self.action_names)
-            rows.append({"images": frame_images(obs), "prompt": prompt})
+            prompt = build_step_prompt(object_text=text, reasoning=self.reasoning)
+            rows.append({"images": frame_images(obs), "context": self.context, "prompt": prompt})
         return rows
 
-    def _encode(self, observations: Sequence[Observation]) -> dict[str, torch.Tensor]:
-        batch = encode_rows(self.processor, self.rows(observations), with_answer=False, padding_side="left")
+    def _to_model(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.dtype)
         return out
+
+    def _encode(self, observations: Sequence[Observation]) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        batch = encode_rows(self.processor, self.rows(observations), with_answer=False, padding_side="left")
+        batch = self._to_model(batch)
+        self.encode_seconds += time.perf_counter() - start
+        return batch
+
+    def score_observations(self, observations: Sequence[Observation]) -> torch.Tensor:
+        """``[batch, n_actions]`` answer log-likelihoods (score mode), with the prefix cache when on."""
+        if not self.prefix_cache:
+            return self.score_actions(self._encode(observations))
+        start = time.perf_counter()
+        rows = self.rows(observations)
+        if self._prefix is None:
+            prefix = PromptPrefix.build(self.model, self.processor, rows[0])
+            if isinstance(prefix, str):  # the fast encoding is not exact for this processor
+                self.prefix_cache, self.prefix_cache_off = False, prefix
+                return self.score_actions(self._encode(observations))
+            self._prefix = prefix
+            start = time.perf_counter()
+        batch = self._to_model(self._prefix.encode(rows))
+        self.encode_seconds += time.perf_counter() - start
+        return self.score_actions(batch, past=self._prefix.cache(len(rows)))
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the prefix KV cache (after the model's weights changed); the next call rebuilds it."""
+        self._prefix = None
 
     def act_batch(self, observations: Sequence[Observation]) -> list[AgentDecision]:
         """One decision per observation, from one batched model call."""
         if not observations:
             return []
         start = time.perf_counter()
-        batch = self._encode(observations)
         with torch.inference_mode():
             if self.mode == "score":
-                best = self.score_actions(batch).argmax(-1).tolist()
+                best = self.score_observations(observations).argmax(-1).tolist()
                 names = [self.action_names[i] for i in best]
                 decisions = [AgentDecision(name, build_answer(None, name), True) for name in names]
             else:
-                decisions = [self._parse(text) for text in self.generate_answers(batch)]
+                decisions = [self._parse(text) for text in self.generate_answers(self._encode(observations))]
         self.model_seconds += time.perf_counter() - start
         return decisions
 
@@ -234,11 +403,13 @@ class VLMAgent:
             mask[i, : len(s)] = 1
         return torch.tensor(answers[0][:shared], dtype=torch.long), ids, mask
 
-    def score_actions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def score_actions(self, batch: dict[str, torch.Tensor], past=None) -> torch.Tensor:
         """Log-likelihood of each action's direct answer given each prompt of the batch.
 
         Args:
-            batch: Left-padded prompts (``input_ids``, ``attention_mask``, ``pixel_values``).
+            batch: Left-padded prompts (``input_ids``, ``attention_mask``, ``pixel_values``). With
+                ``past``, ``input_ids`` continue it and ``attention_mask`` covers past + inputs.
+            past: A KV cache of the tokens before ``input_ids`` (one row per prompt), or ``None``.
 
         Returns:
             ``[batch, n_actions]`` float32 sums of answer-token log-probabilities.
@@ -253,8 +424,9 @@ class VLMAgent:
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=positions[:, -ids.shape[1] :],
             pixel_values=batch.get("pixel_values"),
+            past_key_values=past,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -263,23 +435,59 @@ class VLMAgent:
         scores = first[:, suffix_ids[:, 0]]  # [B, C]
         if suffix_ids.shape[1] == 1:
             return scores
-        # Every candidate continues its prompt's cache: rows b*C + c hold prompt b, candidate c.
         cache = out.past_key_values
-        cache.batch_repeat_interleave(n_cands)
-        inputs = suffix_ids[:, :-1].repeat(n_rows, 1)
-        targets = suffix_ids[:, 1:].repeat(n_rows, 1)
-        target_mask = suffix_mask[:, 1:].repeat(n_rows, 1)
-        full_mask = torch.cat([mask.repeat_interleave(n_cands, 0), suffix_mask[:, :-1].repeat(n_rows, 1)], dim=1)
+        inputs, input_mask = suffix_ids[:, :-1], suffix_mask[:, :-1]  # [C, L]
+        targets, target_mask = suffix_ids[:, 1:], suffix_mask[:, 1:]
         steps = torch.arange(1, suffix_ids.shape[1], device=device)
-        rest = self.model(
-            input_ids=inputs,
-            attention_mask=full_mask,
-            position_ids=positions[:, -1:].repeat_interleave(n_cands, 0) + steps,
-            past_key_values=cache,
-            use_cache=False,
-        )
-        logp = torch.log_softmax(rest.logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return scores + (logp * target_mask).sum(-1).view(n_rows, n_cands)
+        mask_kind = _custom_mask_kind(self.model)
+        if mask_kind is None:
+            # Every candidate continues its prompt's cache: rows b*C + c hold prompt b, candidate c.
+            cache.batch_repeat_interleave(n_cands)
+            rest = self.model(
+                input_ids=inputs.repeat(n_rows, 1),
+                attention_mask=torch.cat([mask.repeat_interleave(n_cands, 0), input_mask.repeat(n_rows, 1)], dim=1),
+                position_ids=positions[:, -1:].repeat_interleave(n_cands, 0) + steps,
+                past_key_values=cache,
+                use_cache=False,
+            )
+        else:
+            # All candidates of a prompt in one row after its cache (no copy of the cache): candidate
+            # c's token j attends to the prompt and to c's tokens up to j, at position last + 1 + j.
+            n_steps = inputs.shape[1]
+            cand = torch.arange(n_cands, device=device).repeat_interleave(n_steps)
+            step = torch.arange(n_steps, device=device).repeat(n_cands)
+            own = (cand[:, None] == cand[None, :]) & (step[None, :] <= step[:, None]) & input_mask.flatten().bool()
+            width = n_cands * n_steps
+            allowed = torch.cat(
+                [mask.bool()[:, None, :].expand(n_rows, width, -1), own.expand(n_rows, width, width)], dim=-1
+            )[:, None]  # [B, 1, C*L, past + C*L]
+            if mask_kind == "float":
+                allowed = torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill(
+                    ~allowed, torch.finfo(self.dtype).min
+                )
+            rest = self.model(
+                input_ids=inputs.flatten().expand(n_rows, -1),
+                attention_mask=allowed,
+                position_ids=positions[:, -1:] + steps.repeat(n_cands),
+                past_key_values=cache,
+                use_cache=False,
+            )
+        logp = torch.log_softmax(rest.logits.float(), dim=-1)
+        logp = logp.reshape(n_rows * n_cands, -1, logp.shape[-1]).gather(-1, targets.repeat(n_rows, 1).unsqueeze(-1))
+        return scores + (logp.squeeze(-1) * target_mask.repeat(n_rows, 1)).sum(-1).view(n_rows, n_cands)
+
+
+def _attention_kernel(model) -> str | None:
+    """The language model's attention implementation (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "_attn_implementation", None)
+
+
+def _custom_mask_kind(model) -> str | None:
+    """How the language model takes a custom 4D attention mask: ``"bool"`` (SDPA), ``"float"``
+    (eager, additive), or ``None`` (another attention kernel: do not pass one)."""
+    return {"sdpa": "bool", "eager": "float"}.get(_attention_kernel(model))
 
 
 

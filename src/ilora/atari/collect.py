@@ -1,8 +1,10 @@
 """Expert rollouts -> a Hugging Face ``datasets`` dataset of two-frame prompts and answers.
 
 Each row is one agent step: ``images`` (the earlier and later native 210x160 RGB frames,
-``frame_skip`` emulator frames apart), ``prompt``, ``answer`` (reasoning + ``Action: NAME``, or
-direct), the ``action`` name and metadata (``game``, ``episode``, ``step``, ``score_so_far``,
+``frame_skip`` emulator frames apart), ``context`` (the game's constant text, placed before the
+images: :func:`~ilora.atari.prompts.build_context`), ``prompt`` (the per-step text after the
+images: :func:`~ilora.atari.prompts.build_step_prompt`), ``answer`` (reasoning + ``Action: NAME``,
+or direct), the ``action`` name and metadata (``game``, ``episode``, ``step``, ``score_so_far``,
 ``object_text``, ``reasoning``). Following the paper, the opening steps and the steps that lead
 into a lost life (or lost point) are removed; steps around rare actions (Breakout's FIRE) are
 always kept, and can be repeated for label balance.
@@ -30,7 +32,7 @@ from ilora.atari.games import (
     DEFAULT_REPEAT_ACTION_PROBABILITY,
     get_game,
 )
-from ilora.atari.prompts import build_answer, build_prompt
+from ilora.atari.prompts import build_answer, build_context, build_step_prompt
 from ilora.atari.ram import object_text as ram_object_text
 from ilora.config import field, to_dict
 from ilora.errors import IloraError
@@ -80,6 +82,7 @@ def dataset_features():
     return Features(
         {
             "images": List(Image()),
+            "context": Value("string"),
             "prompt": Value("string"),
             "answer": Value("string"),
             "action": Value("string"),
@@ -161,23 +164,20 @@ def episode_rows(records: list[_StepRecord], index: int, config: CollectConfig) 
     actions = [r.action for r in records]
     keep = keep_mask(actions, [r.life_lost for r in records], config)
     rare = {a for a, c in Counter(actions).items() if c < config.rare_share * len(actions)}
-    prompt_plain = build_prompt(config.game, reasoning=config.reasoning, frame_skip=config.frame_skip)
+    context = build_context(config.game, frame_skip=config.frame_skip)
+    prompt_plain = build_step_prompt(reasoning=config.reasoning)
     columns: dict[str, list] = {name: [] for name in dataset_features()}
     score = 0.0
     for t, record in enumerate(records):
         if keep[t]:
             prompt = (
-                build_prompt(
-                    config.game,
-                    object_text=ram_object_text(config.game, *record.rams),
-                    reasoning=config.reasoning,
-                    frame_skip=config.frame_skip,
-                )
+                build_step_prompt(object_text=ram_object_text(config.game, *record.rams), reasoning=config.reasoning)
                 if config.object_text
                 else prompt_plain
             )
             row = {
                 "images": [{"bytes": png, "path": None} for png in record.pngs],
+                "context": context,
                 "prompt": prompt,
                 "answer": build_answer(record.reasoning if config.reasoning else None, record.action),
                 "action": record.action,
@@ -319,6 +319,11 @@ def collect_to_disk(config: CollectConfig, out: str | Path, policy: Policy | Non
                     _write_json(tmp / "summary.json", summary)
             summaries.append(json.loads((folder / "summary.json").read_text()))
             parts.append(load_from_disk(str(folder)))
+            if "context" not in parts[-1].column_names:
+                raise IloraError(
+                    f"{folder}: collected with the old prompt layout (no 'context' column: the rules and "
+                    "actions came after the images); collect into a new --out"
+                )
             bar.set_postfix(score=summaries[-1]["score"], rows=summaries[-1]["rows"])
     finally:
         env.close()

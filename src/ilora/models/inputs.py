@@ -1,8 +1,14 @@
 """Turning example rows into model inputs, the same way for training, scoring and playing.
 
-An example row is ``{"images": [PIL.Image, ...], "prompt": str, "answer": str, ...}``: the
-images come first in the user turn, then the prompt; the assistant turn is the answer. Only
-the answer tokens (and the end-of-turn token after them) carry labels.
+An example row is ``{"images": [PIL.Image, ...], "prompt": str, "answer": str, ...}``, with an
+optional ``context`` str. The user turn is the context (when given and not empty), then the
+images, then the prompt; the assistant turn is the answer. Only the answer tokens (and the
+end-of-turn token after them) carry labels.
+
+``context`` is text that is the same for many rows (an Atari game's rules and actions): placed
+before the images it makes every row of a game start with the same tokens, so an agent can
+compute their KV cache once (:class:`ilora.atari.agent.VLMAgent`). Rows without it (general
+data) are encoded as before: images first, then the prompt.
 """
 
 from __future__ import annotations
@@ -17,11 +23,21 @@ from ilora.errors import IloraError
 IGNORE_INDEX = -100
 
 
-def chat_messages(n_images: int, prompt: str) -> list[dict[str, Any]]:
-    """The user turn in the structured chat format every HF VLM chat template accepts."""
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+def chat_messages(n_images: int, prompt: str, context: str | None = None) -> list[dict[str, Any]]:
+    """The user turn in the structured chat format every HF VLM chat template accepts.
+
+    Content order: ``context`` text (omitted when empty), ``n_images`` images, ``prompt`` text.
+    """
+    content: list[dict[str, Any]] = [{"type": "text", "text": context}] if context else []
+    content += [{"type": "image"} for _ in range(n_images)]
     content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
+
+
+def chat_text(processor, n_images: int, prompt: str, context: str | None = None) -> str:
+    """The user turn rendered by the processor's chat template, with the assistant turn opened."""
+    messages = chat_messages(n_images, prompt, context)
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def check_images(images: Sequence[Any], where: str = "example") -> list:
@@ -46,8 +62,12 @@ def image_token(processor) -> str:
     return token
 
 
-def encode_example(processor, images: Sequence[Any], prompt: str, answer: str | None = None) -> dict[str, Any]:
+def encode_example(
+    processor, images: Sequence[Any], prompt: str, answer: str | None = None, context: str | None = None
+) -> dict[str, Any]:
     """Token ids (and labels when ``answer`` is given) plus pixel values for one example.
+
+    ``context`` (optional) is text placed before the images (see the module docstring).
 
     The prompt part goes through the processor (which expands image tokens); the answer is
     tokenised on its own and appended, so the label boundary is exact whatever the template.
@@ -58,10 +78,10 @@ def encode_example(processor, images: Sequence[Any], prompt: str, answer: str | 
     """
     tok = processor.tokenizer
     marker = image_token(processor)
-    if marker in prompt or (answer is not None and marker in answer):
+    if any(marker in t for t in (prompt, answer, context) if t is not None):
         raise IloraError(f"example text contains the image token {marker!r}; images are passed separately")
     images = check_images(images)
-    text = processor.apply_chat_template(chat_messages(len(images), prompt), tokenize=False, add_generation_prompt=True)
+    text = chat_text(processor, len(images), prompt, context)
     enc = processor(text=[text], images=images or None, return_tensors="pt")
     ids = enc["input_ids"][0].tolist()
     labels = None
@@ -98,12 +118,20 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_id: int, padding_side: str
     return batch
 
 
+def encode_row(processor, row: dict[str, Any], with_answer: bool = True) -> dict[str, Any]:
+    """:func:`encode_example` for a row (``images``, ``prompt``, optionally ``context``/``answer``)."""
+    return encode_example(
+        processor,
+        row.get("images") or [],
+        row["prompt"],
+        row["answer"] if with_answer else None,
+        context=row.get("context"),
+    )
+
+
 def encode_rows(
     processor, rows: Sequence[dict[str, Any]], with_answer: bool = True, padding_side: str = "right"
 ) -> dict[str, torch.Tensor]:
-    """Encode and pad a list of example rows (``images``, ``prompt``, optionally ``answer``)."""
-    feats = [
-        encode_example(processor, r.get("images") or [], r["prompt"], r["answer"] if with_answer else None)
-        for r in rows
-    ]
+    """Encode and pad a list of example rows (``images``, ``prompt``, optionally ``context``, ``answer``)."""
+    feats = [encode_row(processor, r, with_answer) for r in rows]
     return pad_batch(feats, processor.tokenizer.pad_token_id, padding_side)

@@ -19,7 +19,7 @@ def generate_answers(
     Args:
         model: a HF VLM (a PEFT-wrapped one works too).
         processor: its processor.
-        rows: example rows with ``images`` and ``prompt``.
+        rows: example rows with ``images`` and ``prompt`` (and ``context``, placed before the images, if any).
         batch_size: rows per ``generate`` call (left-padded, KV cache on).
         max_new_tokens: answer length cap.
 
