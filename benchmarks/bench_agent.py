@@ -32,7 +32,7 @@ class _Timed:
     """The agent as play sees it, noting when the first model call starts (setup ends)."""
 
     def __init__(self, agent) -> None:
-        self.agent, self.first_call = agent, None
+        self.agent, self.first_call, self.first_call_cpu = agent, None, None
 
     @property
     def settings(self) -> dict:
@@ -40,7 +40,7 @@ class _Timed:
 
     def act_batch(self, observations):
         if self.first_call is None:
-            self.first_call = time.perf_counter()
+            self.first_call, self.first_call_cpu = time.perf_counter(), time.process_time()
         return self.agent.act_batch(observations)
 
 
@@ -49,18 +49,19 @@ def measure(agent, game: str, n_envs: int, steps_per_env: int, frame_skip: int =
 
     ``setup`` is the time before the first model call (creating and resetting the environments:
     about 0.1 s per environment, paid once per environment or episode); ``steady_steps_per_s``
-    leaves it out.
+    leaves it out. ``cpu_steps_per_s`` is the steady rate in this process's CPU time (one torch
+    thread: equal to wall time on an idle CPU, and not inflated by other processes sharing it).
     """
     from ilora.atari.evaluate import play_episodes
 
     agent.model_seconds = agent.encode_seconds = 0.0
     timed = _Timed(agent)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = play_episodes(
         timed, game, n_episodes=n_envs, seed=0, n_envs=n_envs, max_frames=steps_per_env * frame_skip, progress=False
     )
-    wall = time.perf_counter() - start
-    setup = timed.first_call - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    setup, setup_cpu = timed.first_call - start, timed.first_call_cpu - start_cpu
     return {
         "envs": n_envs,
         "steps": result.steps,
@@ -68,6 +69,8 @@ def measure(agent, game: str, n_envs: int, steps_per_env: int, frame_skip: int =
         "setup": setup,
         "steps_per_s": result.steps / wall,
         "steady_steps_per_s": result.steps / (wall - setup),
+        "cpu_steps_per_s": result.steps / (cpu - setup_cpu),
+        "cpu_ms_per_step": 1000 * (cpu - setup_cpu) / result.steps,
         "model_share": agent.model_seconds / wall,
         "encode_share": agent.encode_seconds / wall,
         "emulator_share": result.env_seconds / wall,
@@ -77,10 +80,10 @@ def measure(agent, game: str, n_envs: int, steps_per_env: int, frame_skip: int =
 
 
 def call_costs(agent, game: str, batch_sizes: list[int], repeats: int = 15) -> dict:
-    """Fastest time of one ``act_batch`` call per batch size on fixed observations (consecutive
+    """Least CPU time of one ``act_batch`` call per batch size on fixed observations (consecutive
     steps of several episodes, so half the frames were seen at the previous call, as in play),
-    and the least-squares fit ``time = overhead + batch * per_row``. The fastest of ``repeats``
-    calls: other processes on a shared CPU only ever add time."""
+    and the least-squares fit ``time = overhead + batch * per_row``. Batch sizes take turns and
+    the least of ``repeats`` calls is kept: other processes on a shared CPU only ever add time."""
     import numpy as np
 
     from ilora.atari.envs import TwoFrameEnv
@@ -93,15 +96,15 @@ def call_costs(agent, game: str, batch_sizes: list[int], repeats: int = 15) -> d
             seq.append(env.step(len(seq) % len(env.action_names)).observation)
     for env in envs:
         env.close()
-    times = {}
-    for b in batch_sizes:
-        agent.act_batch([seq[19] for seq in steps[:b]])  # warm-up, and the frames of step 19
-        samples = []
-        for t in range(20, 20 + repeats):
-            start = time.perf_counter()
+    agent.act_batch([seq[19] for seq in steps])  # warm-up
+    samples: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    for t in range(20, 20 + repeats):
+        for b in batch_sizes:
+            agent.act_batch([seq[t - 1] for seq in steps[:b]])  # the previous step: its later frames
+            start = time.process_time()
             agent.act_batch([seq[t] for seq in steps[:b]])
-            samples.append(time.perf_counter() - start)
-        times[b] = min(samples)
+            samples[b].append(time.process_time() - start)
+    times = {b: min(v) for b, v in samples.items()}
     slope, intercept = np.polyfit(list(times), list(times.values()), 1)
     return {"times": times, "overhead": float(intercept), "per_row": float(slope)}
 
@@ -149,7 +152,7 @@ def main() -> None:
         for name, a in variants.items():
             for n in (1, args.envs):
                 r = measure(a, args.game, n, args.steps)
-                if (name, n) not in runs or r["steady_steps_per_s"] > runs[name, n]["steady_steps_per_s"]:
+                if (name, n) not in runs or r["cpu_steps_per_s"] > runs[name, n]["cpu_steps_per_s"]:
                     runs[name, n] = r
     if agent.mode == "score" and not agent.prefix_cache:
         print(f"note: the prefix cache is off for this processor: {agent.prefix_cache_off}")
@@ -161,38 +164,39 @@ def main() -> None:
         f"steps/env={args.steps} fastest of {args.repeats}"
     )
     print(f"{'variant':>9} {'envs':>5} {'steps':>6} {'seconds':>8} {'setup':>6} {'steps/s':>8} {'steady':>7} "
-          f"{'model':>7} {'(encode)':>9} {'emulator':>9} {'other':>6}")
+          f"{'cpu':>6} {'model':>7} {'(encode)':>9} {'emulator':>9} {'other':>6}")
     for (name, _), r in runs.items():
         other = 1 - r["model_share"] - r["emulator_share"]
         print(
             f"{name:>9} {r['envs']:>5} {r['steps']:>6} {r['seconds']:>8.2f} {r['setup']:>6.2f} {r['steps_per_s']:>8.1f} "
-            f"{r['steady_steps_per_s']:>7.1f} {100 * r['model_share']:>6.1f}% {100 * r['encode_share']:>8.1f}% "
-            f"{100 * r['emulator_share']:>8.1f}% {100 * other:>5.1f}%"
+            f"{r['steady_steps_per_s']:>7.1f} {r['cpu_steps_per_s']:>6.1f} {100 * r['model_share']:>6.1f}% "
+            f"{100 * r['encode_share']:>8.1f}% {100 * r['emulator_share']:>8.1f}% {100 * other:>5.1f}%"
         )
-    print("(steps/s: whole run; steady: without setup = creating and resetting the environments; shares of the "
-          "whole run; emulator includes the resets, other includes creating the environments)")
+    print("(steps/s: whole run, wall clock; steady: without the setup = creating and resetting the environments; "
+          "cpu: steady, in this process's CPU time; shares of the whole run's wall time: emulator includes the "
+          "resets, other includes creating the environments)")
     for name in variants:
-        speedup = runs[name, args.envs]["steps_per_s"] / runs[name, 1]["steps_per_s"]
-        steady = runs[name, args.envs]["steady_steps_per_s"] / runs[name, 1]["steady_steps_per_s"]
-        verdict = "meets" if speedup >= 4 else "below"
-        print(f"{name}: speed-up {args.envs} envs vs 1: {speedup:.2f}x ({verdict} the 4x target); steady {steady:.2f}x")
+        ratios = [runs[name, args.envs][k] / runs[name, 1][k] for k in ("steps_per_s", "steady_steps_per_s", "cpu_steps_per_s")]
+        verdict = "meets" if ratios[0] >= 4 else "below"
+        print(f"{name}: speed-up {args.envs} envs vs 1: {ratios[0]:.2f}x ({verdict} the 4x target); "
+              f"steady {ratios[1]:.2f}x; cpu {ratios[2]:.2f}x")
     if "uncached" in variants:
         for n in (1, args.envs):
-            gain = runs["cached", n]["steps_per_s"] / runs["uncached", n]["steps_per_s"]
-            steady = runs["cached", n]["steady_steps_per_s"] / runs["uncached", n]["steady_steps_per_s"]
-            print(f"prefix cache vs full prompt, {n} env(s): {gain:.2f}x steps/s; steady {steady:.2f}x")
+            ratios = [runs["cached", n][k] / runs["uncached", n][k] for k in ("steps_per_s", "steady_steps_per_s", "cpu_steps_per_s")]
+            print(f"prefix cache vs full prompt, {n} env(s): {ratios[0]:.2f}x steps/s; steady {ratios[1]:.2f}x; "
+                  f"cpu {ratios[2]:.2f}x")
 
     # Why batching helps so little: the model call's per-call overhead vs its per-row cost.
     sizes = sorted({1, 2, max(1, args.envs // 2), args.envs})
     for name, a in variants.items():
         with torch.inference_mode():
             costs = call_costs(a, args.game, sizes)
-        one = runs[name, 1]["steady_ms_per_step"]
+        one = runs[name, 1]["cpu_ms_per_step"]
         ceiling = one / (one - 1000 * costs["overhead"])
         times = " ".join(f"B={b}:{1000 * t:.2f}" for b, t in costs["times"].items())
         print(
-            f"{name}: model call ms {times}; fit {1000 * costs['overhead']:.2f} ms per call + "
-            f"{1000 * costs['per_row']:.2f} ms per row; steady 1-env step {one:.2f} ms, of which only the "
+            f"{name}: model call CPU ms {times}; fit {1000 * costs['overhead']:.2f} ms per call + "
+            f"{1000 * costs['per_row']:.2f} ms per row; 1-env step {one:.2f} CPU ms, of which only the "
             f"per-call part can be shared -> N-vs-1 ceiling {ceiling:.2f}x"
         )
 
