@@ -38,6 +38,10 @@ from ilora.config import field, to_dict
 from ilora.errors import IloraError
 from ilora.fileio import atomic_dir
 
+# Version of the rows' text layout; bumped whenever prompts or their order change, so cached
+# datasets (e.g. the experiment's data stage) are rebuilt. 2: rules/actions in ``context``.
+ROW_LAYOUT = 2
+
 
 @dataclass
 class CollectConfig:

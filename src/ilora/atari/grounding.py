@@ -4,15 +4,23 @@ The base model must learn to read game screens and object-state text — where t
 how they relate — without ever seeing a game's policy (that is the adapters' job). Frames
 come from random play; the answers come from the RAM readers in ``ilora.atari.ram``.
 
-Three families:
+Four families:
 - ``relation``: the object-state text is in the prompt; the question asks for one relation
   word (``above``, ``left``, ``in reach`` ...). Teaches the language model to read the text.
 - ``where``: no text; the question asks for an object's coarse cell in the later frame.
   Only the pixels carry the answer, which pushes the vision tower to localise objects.
-- ``action_format``: the game's own playing prompt (rules, numbered actions, object text)
-  followed by a question naming an action number; the answer is ``Action: NAME``. Teaches
-  the answer format and the action list, as any instruction-tuned VLM knows them, without
-  any policy (the number asked is random).
+- ``prompt_relation``: the game's own playing prompt (rules and numbered actions before the
+  frames, object text after them) followed by a relation question. In the ~400-token playing
+  prompt a base trained only on short relation prompts did not attend to the relation words
+  (swapping "above" for "below" moved its last hidden state by 0.4%).
+- ``action_meaning``: the playing prompt followed by "which action means '<meaning>'?"; the
+  answer is ``Action: NAME``, the first listed action with that meaning. Teaches the answer
+  format and what the action names mean, as any instruction-tuned VLM knows them. Without
+  it the tied embeddings of all action names collapsed (cosine 0.92-0.98 between RIGHT,
+  LEFT, UP, DOWN, ...), and a LoRA adapter, which cannot move embeddings, never learned
+  Pong's or Breakout's direction in CPU-minutes while full fine-tuning learned it in 100 steps.
+
+None of them is a policy: no question asks which action the situation calls for.
 """
 
 from __future__ import annotations
@@ -23,10 +31,10 @@ import numpy as np
 from PIL import Image
 
 from ilora.atari.envs import TwoFrameEnv
-from ilora.atari.prompts import build_answer, build_prompt
+from ilora.atari.prompts import build_answer, build_context, build_step_prompt, describe_action
 from ilora.atari.ram import CELL, READERS, object_facts
 
-FAMILIES = ("relation", "where", "action_format")
+FAMILIES = ("relation", "where", "prompt_relation", "action_meaning")
 
 
 def relation_question(key: str) -> str:
@@ -34,8 +42,8 @@ def relation_question(key: str) -> str:
     return f"What is the {key.replace('_', ' ')} relation?"
 
 
-def action_number_question(number: int) -> str:
-    return f"Question: which action has number {number}?"
+def action_meaning_question(meaning: str) -> str:
+    return f"Question: which action means '{meaning}'?"
 
 
 def where_question(obj: str) -> str:
@@ -55,7 +63,7 @@ def grounding_rows(
         n: number of rows, spread round-robin over games and families.
         seed: seeds the episodes and the random actions.
         games: games with a RAM reader (default: all of them).
-        families: ``"relation"`` and/or ``"where"``.
+        families: any of :data:`FAMILIES`.
         steps_between: random agent steps between two sampled observations (decorrelates rows).
 
     Returns:
@@ -80,13 +88,23 @@ def grounding_rows(
             o = obs[game]
             facts = object_facts(game, *o.rams)
             images = [Image.fromarray(f) for f in o.frames]
-            if family == "action_format":
-                k = int(rng.integers(len(env.action_names)))
-                prompt = f"{build_prompt(game, object_text=facts.text(), reasoning=False)}\n{action_number_question(k)}"
-                answer = build_answer(None, env.action_names[k])
-            elif family == "relation":
+            context = None
+            if family in ("prompt_relation", "action_meaning"):
+                context = build_context(game)
+                playing = build_step_prompt(object_text=facts.text(), reasoning=False)
+            if family == "action_meaning":
+                meanings = {}
+                for name in env.action_names:  # the first listed action with each meaning
+                    meanings.setdefault(describe_action(name, game), name)
+                meaning = sorted(meanings)[int(rng.integers(len(meanings)))]
+                prompt = f"{playing}\n{action_meaning_question(meaning)}"
+                answer = build_answer(None, meanings[meaning])
+            elif family in ("relation", "prompt_relation"):
                 key = sorted(facts.relations)[int(rng.integers(len(facts.relations)))]
-                prompt = f"{facts.text()}\n{relation_question(key)}"
+                if family == "relation":
+                    prompt = f"Game: {game}.\n{facts.text()}\n{relation_question(key)}"
+                else:
+                    prompt = f"{playing}\nQuestion: {relation_question(key)}"
                 answer = facts.relations[key]
             else:
                 visible = [name for name, (_, now) in facts.objects.items() if now is not None]
@@ -94,11 +112,12 @@ def grounding_rows(
                     continue
                 name = visible[int(rng.integers(len(visible)))]
                 x, y = facts.objects[name][1]
-                prompt, answer = where_question(name), f"{x // CELL}, {y // CELL}"
+                prompt, answer = f"Game: {game}.\n{where_question(name)}", f"{x // CELL}, {y // CELL}"
             rows.append(
                 {
                     "images": images,
-                    "prompt": prompt if family == "action_format" else f"Game: {game}.\n{prompt}",
+                    "context": context,
+                    "prompt": prompt,
                     "answer": answer,
                     "task": f"grounding_{family}",
                     "source": "atari_grounding",

@@ -24,6 +24,7 @@ from typing import Any
 from ilora.config import to_dict
 from ilora.experiment.config import ExperimentConfig
 from ilora.experiment.stages import StageRunner
+from ilora.fileio import file_sha256
 
 PLAIN = {"eps_kl": 0.0, "eps_norm": 0.0}
 
@@ -98,10 +99,12 @@ class Experiment:
                 return {"source": "builtin", "heldout": record["heldout"]["overall"]}
             return {"source": self.cfg.base}
 
-        self.stage("base", {"base": self.cfg.base}, build)
+        # The shipped base's weights are part of the settings: a new builtin base redoes the run.
+        source = file_sha256(builtin_base() / "model.safetensors") if self.cfg.base == "builtin" else self.cfg.base
+        self.stage("base", {"base": self.cfg.base, "source": source}, build)
 
     def run_data(self) -> None:
-        from ilora.atari.collect import collect_dataset
+        from ilora.atari.collect import ROW_LAYOUT, collect_dataset
         from ilora.general.data import generate_general
 
         d = self.cfg.data
@@ -116,7 +119,8 @@ class Experiment:
                 return {"train_rows": len(train), "heldout_rows": len(held)}
 
             collection = {k: getattr(d, k) for k in ("episodes", "heldout_episodes", "max_steps", "object_text", "reasoning")}
-            self.stage(f"data/{game}", {**collection, "game": game, "seed": self.cfg.seed}, collect)
+            settings = {**collection, "game": game, "seed": self.cfg.seed, "layout": ROW_LAYOUT}
+            self.stage(f"data/{game}", settings, collect)
 
         def general(folder: Path):
             generate_general(d.general_rows, self.cfg.seed, "train").save_to_disk(str(folder / "train"))

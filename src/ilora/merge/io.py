@@ -7,7 +7,6 @@ streams to it. Every problem is an ``IloraError`` naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ilora.errors import IloraError
+from ilora.fileio import file_sha256
 from ilora.merge import ops
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -77,14 +77,6 @@ class DenseDelta:
 
 
 ModuleDelta = LowRankDelta | DenseDelta
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict:
