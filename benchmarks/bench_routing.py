@@ -4,7 +4,9 @@ For each model size, one batch of ``--task`` task rows and ``--general`` general
 frames each, like the Atari data) is trained on repeatedly by
 
 - plain LoRA: every row takes the LM loss (``eps_kl = eps_norm = 0``), one forward;
-- routing: task rows -> LM loss, general rows -> KL + LoRA-norm (a no-grad base forward on top).
+- routing: task rows -> LM loss, general rows -> KL + LoRA-norm: the same one forward over
+  all rows (LoRA-B outputs recorded under a per-row mask), plus a no-grad forward of the
+  base (adapter disabled) on the general rows only, which is the floor of the extra cost.
 
 Step = ``Trainer.training_step`` (forward + backward) + optimiser step, timed alternately
 (plain, routed, plain, ...) so machine load hits both alike; the median is reported. Peak
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,15m", help=f"comma-separated, from {sorted(SIZES)}")
     parser.add_argument("--task", type=int, default=5, help="task rows per batch")
     parser.add_argument("--general", type=int, default=3, help="general rows per batch (paper mix 100k:60k)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--models", type=Path, help="folder with prebuilt models named after the sizes (built if missing)")
     args = parser.parse_args()

@@ -7,16 +7,22 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from routing_helpers import make_rows, routing_args, tag, text_rows, tiny_text_lm
 
 from ilora.errors import IloraError
-from ilora.models.load import load_vlm
+from ilora.models.load import load_vlm, module_part
 from ilora.routing.collator import RoutingCollator, Source, mix_sources, select_rows
-from ilora.routing.hooks import find_lora_layers
-from ilora.routing.losses import causal_lm_loss, kl_base_lora, lora_b_squared_norm, lora_norm_loss, target_positions
-from ilora.routing.lora import apply_lora, load_adapter
+from ilora.routing.hooks import LoraOutputRecorder, find_lora_layers
+from ilora.routing.lora import AdapterSwitch, apply_lora, load_adapter
+from ilora.routing.losses import (
+    causal_lm_loss,
+    kl_base_lora,
+    lora_b_squared_norm,
+    lora_b_squared_norms,
+    lora_norm_loss,
+    target_positions,
+)
 from ilora.routing.trainer import RoutingTrainer
-
-from routing_helpers import make_rows, routing_args, tag, text_rows, tiny_text_lm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -89,6 +95,28 @@ def test_low_rank_norm_matches_direct_formula_and_gradients():
     torch.testing.assert_close(unmasked, (0.5 * (h @ weight.T)).pow(2).sum())
     assert lora_b_squared_norm(h, torch.zeros(7, 3), 2.0, None).item() == 0.0
     torch.testing.assert_close(lora_norm_loss([torch.tensor(4.0), torch.tensor(9.0)], [2, 3]), torch.tensor(5.0))
+
+
+def test_grouped_norms_with_row_index_match_per_layer_formula():
+    # Several layers at once (two weight shapes, interleaved), only rows 0 and 2, a token mask.
+    g = torch.Generator().manual_seed(3)
+    hs = [torch.randn(3, 4, 5, generator=g, requires_grad=True) for _ in range(4)]
+    ws = [torch.randn(d, 5, generator=g, requires_grad=True) for d in (7, 6, 7, 6)]
+    index = torch.tensor([0, 2])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float32)
+    full = torch.zeros(3, 4)
+    full[index] = mask
+    direct = torch.stack([((h @ w.T).pow(2).sum(-1) * full).sum() for h, w in zip(hs, ws)])
+    got = lora_b_squared_norms(hs, ws, mask, index)
+    torch.testing.assert_close(got, direct)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    expected = torch.autograd.grad((direct * weights).sum(), hs + ws)
+    grads = torch.autograd.grad((got * weights).sum(), hs + ws)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+    assert bool((grads[0][1] == 0).all()) and bool((grads[0][0] != 0).any())  # row 1 is not selected
+    zero = lora_b_squared_norms(hs[:2], [torch.zeros(7, 5), torch.zeros(6, 5)], mask, index)
+    assert zero.tolist() == [0.0, 0.0]
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -173,23 +201,104 @@ def test_routing_separation_with_crafted_batches(vlm, tmp_path):
     model, proc = vlm
     t1, t2 = tag(make_rows(2, 10), "task"), tag(make_rows(2, 11, n_images=2, answer_len=4), "task")
     g1, g2 = tag(make_rows(2, 20, n_images=(1, 2)), "general"), tag(make_rows(2, 21, answer_len=5), "general")
+    t3, g3 = tag(make_rows(2, 12), "task"), tag(make_rows(2, 22, n_images=(1, 2)), "general")  # shapes of t1, g1
     trainer = make_trainer(model, proc, t1 + g1, tmp_path)
     randomize_lora_b(trainer.model)
     trainer.model.eval()  # no dropout anyway; eval keeps the comparison deterministic
     collate = RoutingCollator(proc)
+    assert collate(t1 + g3)["input_ids"].shape == collate(t3 + g1)["input_ids"].shape == collate(t1 + g1)["input_ids"].shape
 
     def terms(rows):
         with torch.no_grad():
             return trainer.routing_terms(trainer.model, collate(rows))
 
-    a, b = terms(t1 + g1), terms(t1 + g2)
-    assert torch.equal(a["lm"], b["lm"])  # general rows never enter the LM loss
+    # All rows run in one forward, so other rows can only change the padded batch shape: with
+    # the same shapes the terms are bitwise equal, with other shapes equal up to rounding.
+    a, b, b_same = terms(t1 + g1), terms(t1 + g2), terms(t1 + g3)
+    assert torch.equal(a["lm"], b_same["lm"])  # general rows never enter the LM loss
+    torch.testing.assert_close(a["lm"], b["lm"], rtol=1e-6, atol=0)
     assert not torch.equal(a["kl"], b["kl"]) and not torch.equal(a["norm"], b["norm"])
-    c = terms(t2 + g1)
-    assert torch.equal(a["kl"], c["kl"]) and torch.equal(a["norm"], c["norm"])  # task rows never enter KL/norm
-    assert not torch.equal(a["lm"], c["lm"])
+    assert not torch.equal(a["kl"], b_same["kl"]) and not torch.equal(a["norm"], b_same["norm"])
+    c, c_same = terms(t2 + g1), terms(t3 + g1)
+    assert torch.equal(a["kl"], c_same["kl"]) and torch.equal(a["norm"], c_same["norm"])  # task rows never enter KL/norm
+    for name in ("kl", "norm"):
+        torch.testing.assert_close(a[name], c[name], rtol=1e-6, atol=0)
+    assert not torch.equal(a["lm"], c["lm"]) and not torch.equal(a["lm"], c_same["lm"])
     assert set(terms(t1)) == {"lm"} and set(terms(g1)) == {"kl", "norm"}  # missing rows: term skipped
     assert all(torch.isfinite(v) for v in terms(g1).values())
+
+
+def test_gradients_reach_only_their_own_rows_images(vlm, tmp_path):
+    # The joint forward's per-row masks must cover the vision tower: the LM loss never reaches
+    # a general row's images, KL and norm never a task row's, with several images per row.
+    model, proc = vlm
+    rows = tag(make_rows(2, 30, n_images=(2, 1)), "task") + tag(make_rows(2, 31, n_images=(1, 3)), "general")
+    rows = [rows[0], rows[2], rows[1], rows[3]]  # task, general, task, general
+    trainer = make_trainer(model, proc, rows, tmp_path)
+    randomize_lora_b(trainer.model)
+    batch = RoutingCollator(proc)(rows)
+    assert batch["n_images"].tolist() == [2, 1, 1, 3]
+    image_is_task = torch.tensor([True, True, False, True, False, False, False])
+    batch["pixel_values"].requires_grad_(True)
+    terms = trainer.routing_terms(trainer.model, batch)
+    for names, own in ((("lm",), image_is_task), (("kl",), ~image_is_task), (("norm",), ~image_is_task)):
+        (grad,) = torch.autograd.grad(sum(terms[n] for n in names), batch["pixel_values"], retain_graph=True)
+        per_image = grad.abs().flatten(1).sum(1)
+        assert bool((per_image[~own] == 0).all()), (names, per_image)
+        assert bool((per_image[own] > 0).all()), (names, per_image)
+
+
+def test_recorder_row_selection_equals_recording_the_rows_alone(vlm):
+    model, proc = vlm
+    peft_model = apply_lora(model, r=4, alpha=8, seed=0)
+    randomize_lora_b(peft_model)
+    recorder = LoraOutputRecorder(peft_model)
+    rows = make_rows(5, 40, n_images=(2, 0, 1, 3, 1), answer_len=3)
+    keep = torch.tensor([False, True, True, False, True])
+    collate = RoutingCollator(proc)
+    batch = collate(tag(rows, "general"))
+    alone = collate(tag([r for r, k in zip(rows, keep.tolist()) if k], "general"))
+
+    def inputs(b):
+        return {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+    with torch.no_grad():
+        with recorder.record(batch["attention_mask"], keep, batch["n_images"]):
+            peft_model(**inputs(batch), use_cache=False)
+        joint_sums, joint_counts, joint_loss = recorder.sums, dict(recorder.counts), recorder.norm_loss()
+        with recorder.record(alone["attention_mask"]):
+            peft_model(**inputs(alone), use_cache=False)
+        alone_sums, alone_counts, alone_loss = recorder.sums, dict(recorder.counts), recorder.norm_loss()
+    assert joint_counts == alone_counts and len(joint_counts) == 28
+    assert {module_part(n) for n in joint_counts} == {"vision", "projector", "language"}
+    for name in alone_sums:
+        torch.testing.assert_close(joint_sums[name], alone_sums[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(joint_loss, alone_loss, rtol=1e-5, atol=1e-7)
+    recorder.remove()
+
+
+def test_adapter_switch_equals_peft_disable_adapter(vlm):
+    model, proc = vlm
+    peft_model = apply_lora(model, r=4, alpha=8, seed=0)
+    randomize_lora_b(peft_model)
+    switch = AdapterSwitch(peft_model)
+    assert switch._fast
+    batch = RoutingCollator(proc)(tag(make_rows(2, 50, n_images=(1, 2)), "general"))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    grads_before = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    with torch.no_grad():
+        with peft_model.disable_adapter():
+            reference = peft_model(**inputs, use_cache=False).logits
+        with switch.disabled():
+            fast = peft_model(**inputs, use_cache=False).logits
+        adapted = peft_model(**inputs, use_cache=False).logits
+    with torch.inference_mode(), switch.disabled():
+        inference = peft_model(**inputs, use_cache=False).logits
+    assert torch.equal(fast, reference) and torch.equal(inference, reference)
+    assert not torch.equal(adapted, reference)  # the adapter is back on after the block
+    assert {n: p.requires_grad for n, p in peft_model.named_parameters()} == grads_before
+    with switch.disabled():  # gradients enabled: PEFT's own context, same result
+        assert torch.equal(peft_model(**inputs, use_cache=False).logits.detach(), reference)
 
 
 def _lora_state(model):

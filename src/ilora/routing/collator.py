@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ilora.errors import IloraError
-from ilora.models.inputs import encode_example, pad_batch
+from ilora.models.inputs import encode_row, pad_batch
 
 ROUTES = ("task", "general")
 
@@ -153,7 +153,7 @@ class RoutingCollator:
                 f"row {i} has no labels: expected 'prompt' + 'answer' (or pre-tokenised 'input_ids' + 'labels'), "
                 f"got keys {sorted(row)}"
             )
-        return encode_example(self.processor, row.get("images") or [], row["prompt"], row["answer"])
+        return encode_row(self.processor, row)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         features = [self.encode(row, i) for i, row in enumerate(rows)]
@@ -179,15 +179,19 @@ def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor, n_images: to
     Returns:
         The sub-batch, or ``None`` when no row is kept.
     """
-    if not bool(keep.any()):
-        return None
     rows = keep.nonzero(as_tuple=True)[0]
-    mask = batch["attention_mask"][rows]
+    if rows.numel() == 0:
+        return None
+    mask = batch["attention_mask"].index_select(0, rows)
     columns = mask.any(0).nonzero(as_tuple=True)[0]
-    span = slice(int(columns.min()), int(columns.max()) + 1)
-    sub = {k: batch[k][rows][:, span] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+    stats = [columns.min(), columns.max()]
     if "pixel_values" in batch:
+        stats.append(n_images.to(rows.device).index_select(0, rows).sum())
+    first, last, *kept_images = torch.stack(stats).tolist()  # one sync
+    span = slice(first, last + 1)
+    sub = {k: batch[k].index_select(0, rows)[:, span] for k in ("input_ids", "labels") if k in batch}
+    sub["attention_mask"] = mask[:, span]
+    if kept_images and kept_images[0] > 0:
         image_keep = torch.repeat_interleave(keep.to(n_images.device), n_images)
-        if bool(image_keep.any()):
-            sub["pixel_values"] = batch["pixel_values"][image_keep.to(batch["pixel_values"].device)]
+        sub["pixel_values"] = batch["pixel_values"][image_keep.to(batch["pixel_values"].device)]
     return sub

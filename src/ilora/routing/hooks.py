@@ -1,8 +1,9 @@
 """Capturing LoRA-B outputs with forward hooks (for ``L_norm`` and the activation analysis).
 
 One hook per LoRA layer sits on its ``lora_B`` module; it only records while a
-``LoraOutputRecorder.record(...)`` block is open, so other forwards (task rows, the
-adapter-disabled base pass, activation-checkpoint recomputation) cost nothing.
+``LoraOutputRecorder.record(...)`` block is open, so other forwards (the adapter-disabled
+base pass, activation-checkpoint recomputation) cost nothing. A recorded forward may mix
+rows that count with rows that do not: a per-row mask covers their tokens and their images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from ilora.errors import IloraError
 from ilora.models.load import module_part
-from ilora.routing.losses import lora_b_squared_norm, lora_norm_loss
+from ilora.routing.losses import lora_b_squared_norms
 
 
 @dataclass
@@ -49,11 +50,48 @@ def find_lora_layers(model: nn.Module, adapter: str = "default") -> list[LoraLay
     return refs
 
 
+@dataclass
+class _Selection:
+    """The recorded positions of one kind of layer output: language tokens, or image patches.
+
+    ``index`` keeps slices along the output's first dimension (rows, or images; ``None``: all
+    of them) and ``mask`` is the 0/1 float ``[K·T, 1]`` over the kept slices' positions
+    (``None``: every position). ``count`` is the number of recorded tokens, or of kept images.
+    ``full`` builds the 0/1 mask over every position of an output (biased layers, kept outputs).
+    """
+
+    index: torch.Tensor | None
+    mask: torch.Tensor | None
+    count: int
+    n_slices: int
+    device: torch.device | None = None
+    attention_mask: torch.Tensor | None = None
+    _full: torch.Tensor | None = None
+
+    def full(self, shape: torch.Size) -> torch.Tensor:
+        if self._full is None:
+            keep = torch.ones(self.n_slices, device=self.device)
+            if self.index is not None:
+                keep = torch.zeros_like(keep).index_fill_(0, self.index, 1.0)
+            self._full = keep if self.attention_mask is None else self.attention_mask.float() * keep[:, None]
+        full = self._full
+        return full if full.shape == shape else full.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+
 class LoraOutputRecorder:
     """Per-layer sums of ``‖scaling · lora_B(x)‖²`` over the positions of a recorded forward.
 
     Language-model layers count the positions where the recorded batch's attention mask is
-    1; vision-tower and projector layers count every position (image patches, never padded).
+    1; vision-tower and projector layers count every position of every image (image patches,
+    never padded). With ``rows`` given, only those rows count: their tokens in language
+    layers and, through ``n_images``, their own images in vision and projector layers (the
+    images of a batch are concatenated in row order, so one recorded forward may hold task
+    and general rows together).
+
+    The hooks only keep references to each layer's LoRA-A output and lora_B weight; when the
+    block ends the squared norms are computed in Gram form (``losses.lora_b_squared_norms``)
+    on the recorded rows/images only, one batched computation per group of layers with the
+    same shapes. ``sums`` and ``counts`` (per layer name) are complete from then on.
 
     Args:
         model: a PEFT-wrapped model.
@@ -62,6 +100,8 @@ class LoraOutputRecorder:
             plotting.
     """
 
+    max_group_elements = 2**25  # LoRA-A output elements stacked at once when the block ends
+
     def __init__(self, model: nn.Module, adapter: str = "default", keep_outputs: tuple[str, ...] = ()):
         self.adapter = adapter
         self.layers = find_lora_layers(model, adapter)
@@ -69,52 +109,182 @@ class LoraOutputRecorder:
         if unknown:
             raise IloraError(f"layers {unknown} are not LoRA layers; known: {[r.name for r in self.layers][:8]}...")
         self.keep_outputs = set(keep_outputs)
-        self._mask: torch.Tensor | None = None
-        self._mask_count = 0
+        self._tokens: _Selection | None = None
+        self._images: _Selection | None = None
+        self._rows_selected = False
         self._active = False
-        self.sums: dict[str, torch.Tensor] = {}
+        self._pending: list[tuple] = []
+        self._groups: list[tuple[list[str], torch.Tensor]] = []  # (layer names, their scaled sums)
+        self._squared_scalings: dict[tuple, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.outputs: dict[str, list[torch.Tensor]] = {}
         self._handles = [ref.layer.lora_B[adapter].register_forward_hook(self._hook_for(ref)) for ref in self.layers]
 
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Per layer, the recorded sum of ``‖scaling · lora_B(x)‖²`` (float32 scalars)."""
+        sums: dict[str, torch.Tensor] = {}
+        for names, totals in self._groups:
+            for name, total in zip(names, totals.unbind(0)):
+                sums[name] = sums[name] + total if name in sums else total
+        return sums
+
+    def _positions(self, ref: LoraLayerRef, output: torch.Tensor) -> tuple[_Selection | None, int]:
+        """The recorded positions of this layer's output and their count (``None``: every position)."""
+        shape = output.shape[:-1]
+        if ref.part == "language":
+            tokens = self._tokens
+            if tokens is not None and shape == tokens.attention_mask.shape:
+                return tokens, tokens.count
+            if self._rows_selected:
+                raise IloraError(
+                    f"{ref.name}: LoRA-B output of shape {tuple(output.shape)} does not match the batch's "
+                    f"tokens {tuple(tokens.attention_mask.shape)}; cannot tell which rows its positions belong to"
+                )
+            return None, shape.numel()
+        images = self._images
+        if images is None:
+            if self._rows_selected:
+                raise IloraError(f"{ref.name}: recording selected rows of a batch with images needs n_images")
+            return None, shape.numel()
+        if len(shape) < 1 or shape[0] != images.n_slices:
+            raise IloraError(
+                f"{ref.name}: LoRA-B output of shape {tuple(output.shape)} is not one slice per image "
+                f"({images.n_slices} images); cannot tell which rows its positions belong to"
+            )
+        return images, images.count * shape[1:].numel()
+
     def _hook_for(self, ref: LoraLayerRef):
+        name = ref.name
+
         def hook(module, args, output):
             if not self._active:
                 return
-            mask, count = None, output.shape[:-1].numel()
-            if ref.part == "language" and self._mask is not None and output.shape[:-1] == self._mask.shape:
-                mask, count = self._mask, self._mask_count
+            selection, count = self._positions(ref, output)
+            self.counts[name] = self.counts.get(name, 0) + count
             scaling = ref.scaling(self.adapter)
             if module.bias is None:
-                total = lora_b_squared_norm(args[0], module.weight, scaling, mask)
+                # Computed when the block ends, batched with the layers of the same shape.
+                self._pending.append((name, args[0], module.weight, selection, scaling))
             else:
                 per_position = (output * scaling).pow(2).sum(-1, dtype=torch.float32)
-                total = (per_position * mask if mask is not None else per_position).sum()
-            self.sums[ref.name] = self.sums[ref.name] + total if ref.name in self.sums else total
-            self.counts[ref.name] = self.counts.get(ref.name, 0) + count
-            if ref.name in self.keep_outputs:
+                if selection is not None:
+                    per_position = per_position * selection.full(output.shape[:-1])
+                self._groups.append(([name], per_position.sum().reshape(1)))
+            if name in self.keep_outputs:
                 kept = output.detach().float() * scaling
-                self.outputs.setdefault(ref.name, []).append(kept[mask.bool()] if mask is not None else kept.flatten(0, -2))
+                kept = kept[selection.full(output.shape[:-1]).bool()] if selection is not None else kept.flatten(0, -2)
+                self.outputs.setdefault(name, []).append(kept)
 
         return hook
 
+    def _flush(self) -> None:
+        """Squared-norm sums of the pending layers: one Gram-form computation per group of layers
+        whose inputs share a shape and a selection, in groups of bounded size."""
+        groups: dict[tuple, list] = {}
+        for entry in self._pending:
+            _, h, _, selection, _ = entry
+            key = (h.shape, h.dtype, h.device, id(selection))
+            groups.setdefault(key, []).append(entry)
+        self._pending = []
+        for entries in groups.values():
+            entries.sort(key=lambda e: (tuple(e[2].shape), str(e[2].dtype)))  # same-shaped weights batch together
+            h, selection = entries[0][1], entries[0][3]
+            index, mask = (selection.index, selection.mask) if selection is not None else (None, None)
+            step = max(1, self.max_group_elements // max(h.numel(), 1))
+            for start in range(0, len(entries), step):
+                part = entries[start : start + step]
+                norms = lora_b_squared_norms([e[1] for e in part], [e[2] for e in part], mask, index)
+                squares = tuple(e[4] ** 2 for e in part)
+                if len(set(squares)) == 1:  # the usual case: one alpha / r for every layer
+                    scaled = norms * squares[0]
+                else:
+                    key = (squares, h.device)
+                    if key not in self._squared_scalings:
+                        self._squared_scalings[key] = torch.tensor(squares, dtype=torch.float32, device=h.device)
+                    scaled = norms * self._squared_scalings[key]
+                self._groups.append(([e[0] for e in part], scaled))
+
     @contextlib.contextmanager
-    def record(self, attention_mask: torch.Tensor | None) -> Iterator[LoraOutputRecorder]:
-        """Record the forwards inside the block; previous records are cleared on entry."""
-        self.sums, self.counts, self.outputs = {}, {}, {}
-        self._mask = attention_mask.float() if attention_mask is not None else None
-        self._mask_count = int(attention_mask.sum()) if attention_mask is not None else 0  # one sync per record
+    def record(
+        self,
+        attention_mask: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
+        n_images: torch.Tensor | None = None,
+    ) -> Iterator[LoraOutputRecorder]:
+        """Record the forwards inside the block; previous records are cleared on entry.
+
+        Args:
+            attention_mask: ``[B, T]`` of the recorded batch (``None``: count every position).
+            rows: bool ``[B]``, the rows to record (``None``: all of them).
+            n_images: long ``[B]``, images per row; needed with ``rows`` when the batch has images.
+        """
+        self._groups, self.counts, self.outputs = [], {}, {}
+        self._tokens = self._images = None
+        if rows is None:
+            if attention_mask is not None:
+                count = int(attention_mask.sum())  # one sync per record
+                mask = attention_mask.float().reshape(-1, 1)
+                self._tokens = _Selection(
+                    None, mask, count, attention_mask.shape[0], attention_mask.device, attention_mask=attention_mask
+                )
+        else:
+            if attention_mask is None:
+                raise IloraError("recording selected rows needs the batch's attention_mask")
+            self._tokens, self._images = self._select(attention_mask, rows, n_images)
+        self._rows_selected = rows is not None
+        self._pending = []
         self._active = True
         try:
             yield self
+            self._active = False
+            self._flush()
         finally:
             self._active = False
-            self._mask = None
+            self._pending = []
+            self._tokens = self._images = None
+            self._rows_selected = False
+
+    @staticmethod
+    def _select(attention_mask: torch.Tensor, rows: torch.Tensor, n_images: torch.Tensor | None):
+        """Selections of the chosen rows' tokens and of their images, from one host sync."""
+        device = attention_mask.device
+        per_row = [rows.to(device, torch.long), attention_mask.sum(1)]
+        if n_images is not None:
+            per_row.append(n_images.to(device))
+        host = torch.stack(per_row).tolist()
+        chosen = [i for i, keep in enumerate(host[0]) if keep]
+        everything = len(chosen) == len(host[0])
+        index = None if everything else torch.tensor(chosen, dtype=torch.long, device=device)
+        kept_mask = attention_mask if everything else attention_mask.index_select(0, index)
+        n_tokens = sum(host[1][i] for i in chosen)
+        tokens = _Selection(
+            index, kept_mask.float().reshape(-1, 1), n_tokens, len(host[0]), device, attention_mask=attention_mask
+        )
+        if n_images is None:
+            return tokens, None
+        counts = host[2]
+        starts = [0]
+        for c in counts[:-1]:
+            starts.append(starts[-1] + c)
+        kept = [starts[i] + j for i in chosen for j in range(counts[i])]
+        total = sum(counts)
+        image_index = None if len(kept) == total else torch.tensor(kept, dtype=torch.long, device=device)
+        return tokens, _Selection(image_index, None, len(kept), total, device)
 
     def norm_loss(self) -> torch.Tensor:
-        """``L_norm`` of the last recorded block (see ``losses.lora_norm_loss``)."""
-        names = list(self.sums)
-        return lora_norm_loss([self.sums[n] for n in names], [self.counts[n] for n in names])
+        """``L_norm`` of the last recorded block: per layer the mean over its recorded positions,
+        summed over layers (as ``losses.lora_norm_loss``, one division per group of layers)."""
+        terms = []
+        for names, totals in self._groups:
+            counts = [max(self.counts[n], 1) for n in names]  # a layer with no position has a zero sum
+            if len(set(counts)) == 1:  # layers of a group share their positions: no host-to-device copy
+                terms.append(totals.sum() / counts[0])
+            else:
+                terms.append((totals / torch.tensor(counts, dtype=torch.float32, device=totals.device)).sum())
+        if not terms:
+            return torch.zeros(())
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def remove(self) -> None:
         """Detach the hooks from the model."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -104,3 +105,48 @@ def _check_all_weights_loaded(peft_model, adapter_dir: Path) -> None:
             f"{adapter_dir}: adapter does not fit {type(peft_model.get_base_model()).__name__}: "
             f"{len(missing)} LoRA weights missing, {len(unused)} saved weights unused (e.g. {example})"
         )
+
+
+class AdapterSwitch:
+    """Turns the adapter of a PEFT model off for a no-grad forward, cheaply (the KL's base pass).
+
+    ``PeftModel.disable_adapter()`` scans the whole model for its adapter status and sets
+    ``requires_grad`` of every adapter weight off on entry and on again on exit: 3.5 ms per
+    use on the tiny VLM and 10 ms on a 15M one, a tenth of a training step. Under
+    ``torch.no_grad`` only the per-layer "adapters disabled" flag matters, so this flips that
+    flag on the tuner layers found once, and restores it. It falls back to PEFT's own context
+    with gradients enabled, with merged weights, with auxiliary wrappers
+    (``modules_to_save``) or when the layers lack the flag (another PEFT version).
+
+    Args:
+        peft_model: the ``PeftModel`` (not a DDP wrapper of it).
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.peft_model = peft_model
+        self.layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        flag = getattr(BaseTunerLayer, "disable_adapters", None)
+        auxiliary = [m for m in peft_model.modules() if type(m).__name__.endswith(("ModulesToSaveWrapper", "TrainableTokensWrapper"))]
+        self._fast = (
+            isinstance(flag, property)
+            and not auxiliary
+            and all(isinstance(getattr(m, "_disable_adapters", None), bool) for m in self.layers)
+        )
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """A block in which every forward of the model is the base model's."""
+        if not self._fast or torch.is_grad_enabled() or any(m.merged for m in self.layers):
+            with self.peft_model.disable_adapter():
+                yield
+            return
+        previous = [m._disable_adapters for m in self.layers]
+        try:
+            for m in self.layers:
+                m.__dict__["_disable_adapters"] = True  # a plain attribute: skip nn.Module.__setattr__
+            yield
+        finally:
+            for m, was in zip(self.layers, previous):
+                m.__dict__["_disable_adapters"] = was

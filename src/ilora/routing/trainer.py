@@ -8,9 +8,11 @@ Per micro-batch (SPEC §1):
   of ``‖lora_B output‖²`` over their positions (image patches included), summed over layers;
 - ``loss = eps_lm·L_lm + eps_kl·L_kl + eps_norm·L_norm``.
 
-The task and general rows run as separate sub-batches, so a forward hook on every
-``lora_B`` sees only general rows while recording (no per-sample ``adapter_names``). Logits
-are only computed at target positions (``logits_to_keep``) and the KL in float32 chunks.
+A step is one forward of the adapted model over all rows (as plain LoRA does), with the
+forward hook on every ``lora_B`` recording under a per-row mask that covers the general
+rows' tokens and their own images, plus one no-grad forward of the base (adapter disabled)
+on the general rows only. Logits are only computed at target positions
+(``logits_to_keep``); the KL runs in float32 chunks, the norm in low-rank Gram form.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from transformers import Trainer, TrainingArguments
 
 from ilora.config import field
 from ilora.errors import IloraError
+from ilora.models.inputs import IGNORE_INDEX
 from ilora.routing.collator import RoutingCollator, route_counts, select_rows
 from ilora.routing.hooks import LoraOutputRecorder
-from ilora.routing.lora import apply_lora
+from ilora.routing.lora import AdapterSwitch, apply_lora
 from ilora.routing.losses import causal_lm_loss, kl_base_lora, target_positions
 
 TERMS = ("lm", "kl", "norm")
@@ -54,8 +57,7 @@ class RoutingConfig(TrainingArguments):
     remove_unused_columns: bool = field(False, help="keep the row columns; the routing collator encodes them")
     report_to: str | list[str] = field("none", help="integrations to report to (none by default)")
     logging_steps: float = field(10, help="log the loss terms every N optimiser steps")
-    # A step runs one or two forwards depending on which routes its rows take, and the count
-    # can differ between ranks; DDP's per-forward buffer broadcast would then deadlock.
+    # Buffers are never trained here, so DDP's per-forward broadcast of them is wasted work.
     ddp_broadcast_buffers: bool | None = field(False, help="DDP buffer broadcast per forward (off: forwards per rank vary)")
     ddp_find_unused_parameters: bool | None = field(False, help="every LoRA parameter is used in every step")
 
@@ -125,56 +127,102 @@ class RoutingTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         # Each micro-batch loss is a mean; the Trainer divides it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self.recorder = LoraOutputRecorder(model)
+        # Hooks only where the norm term needs them (plain LoRA runs without).
+        self.recorder = LoraOutputRecorder(model) if args.eps_norm > 0 else None
+        self._adapter_switch = AdapterSwitch(model)
         base = model.get_base_model()
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._term_sums = torch.zeros(len(TERMS), 2, device=args.device)
+        self._weight_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _target_logits(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[N, V]`` at the batch's N target positions and the target ids ``[N]``."""
-        rows, positions, targets = target_positions(batch["labels"])
+    def _logit_request(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Model kwargs for ``batch`` and the logit columns of ``positions`` in its output
+        (only the needed columns reach the LM head when the model takes ``logits_to_keep``)."""
         kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
         columns = positions
         if self._keeps_logits:
             kept = torch.unique(positions) if positions.numel() else positions.new_zeros(1)
             kwargs["logits_to_keep"] = kept
             columns = torch.searchsorted(kept, positions)
-        logits = model(**kwargs, use_cache=False).logits
-        return logits[rows, columns], targets
+        return kwargs, columns
+
+    def _target_logits(
+        self, model, batch: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[N, V]`` at the N ``(rows, positions)`` of ``batch``."""
+        kwargs, columns = self._logit_request(batch, positions)
+        return model(**kwargs, use_cache=False).logits[rows, columns]
 
     def routing_terms(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss terms present in this micro-batch (``lm`` when it has task rows; ``kl``
-        and/or ``norm`` when it has general rows and their weight is non-zero)."""
+        and/or ``norm`` when it has general rows and their weight is non-zero).
+
+        One forward of the adapted model over all rows, the LoRA-B recorder masked to the
+        general rows (their tokens and their images); then, for ``kl``, one no-grad forward
+        of the same network with its adapter disabled on the general rows alone. Everything
+        that needs the host (row selections, target positions) is worked out before the
+        forwards, so an accelerator is not made to wait in between.
+        """
         args = self.args
-        terms: dict[str, torch.Tensor] = {}
         is_task, n_images = inputs["is_task"], inputs["n_images"]
-        task = select_rows(inputs, is_task, n_images)
-        if task is not None:
-            terms["lm"] = causal_lm_loss(*self._target_logits(model, task))
-        general = select_rows(inputs, ~is_task, n_images) if args.routes_general else None
-        if general is not None:
-            record = self.recorder.record(general["attention_mask"]) if args.eps_norm > 0 else contextlib.nullcontext()
-            with record:
-                lora_logits, _ = self._target_logits(model, general)
-            if args.eps_norm > 0:
-                terms["norm"] = self.recorder.norm_loss().to(lora_logits.device)
-            if args.eps_kl > 0:
-                peft_model = self.accelerator.unwrap_model(model)
-                with torch.no_grad(), peft_model.disable_adapter():
-                    base_logits, _ = self._target_logits(peft_model, general)
-                terms["kl"] = kl_base_lora(base_logits, lora_logits, args.kl_chunk_size)
+        has_task, has_general = (bool(x) for x in torch.stack([is_task.any(), (~is_task).any()]).tolist())
+        if has_general and not args.routes_general:
+            # Plain LoRA: general rows get no loss, so they need no forward either.
+            if not has_task:
+                return {}
+            inputs, is_task, has_general = select_rows(inputs, is_task, n_images), is_task[is_task], False
+        terms: dict[str, torch.Tensor] = {}
+        rows, positions, targets = target_positions(inputs["labels"])
+        base_request = None
+        if has_general and args.eps_kl > 0:
+            general = select_rows(inputs, ~is_task, n_images) if has_task else inputs
+            g_rows, g_positions, _ = target_positions(general["labels"])
+            base_request = (g_rows, *self._logit_request(general, g_positions))
+        record = contextlib.nullcontext()
+        if has_general and args.eps_norm > 0:
+            record = self.recorder.record(inputs["attention_mask"], ~is_task, n_images)
+        with record:
+            logits = self._target_logits(model, inputs, rows, positions)
+        general_logits = logits
+        if has_task:
+            lm_targets = targets
+            if has_general:
+                on_task = is_task[rows]
+                lm_targets = targets.masked_fill(~on_task, IGNORE_INDEX)  # the mean is over task targets only
+                general_logits = logits[~on_task]
+            terms["lm"] = causal_lm_loss(logits, lm_targets)
+        if has_general and args.eps_norm > 0:
+            terms["norm"] = self.recorder.norm_loss().to(logits.device)
+        if base_request is not None:
+            g_rows, kwargs, columns = base_request
+            switch = self._adapter_switch
+            with torch.inference_mode(), switch.disabled():
+                base_logits = switch.peft_model(**kwargs, use_cache=False).logits[g_rows, columns]
+            terms["kl"] = kl_base_lora(base_logits, general_logits, args.kl_chunk_size)
         return terms
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms = self.routing_terms(model, inputs)
-        weights = {"lm": self.args.eps_lm, "kl": self.args.eps_kl, "norm": self.args.eps_norm}
-        loss = sum(weights[k] * v for k, v in terms.items())
+        names = tuple(name for name in TERMS if name in terms)
+        if not names:
+            raise IloraError("a micro-batch produced no loss term (no task rows, and general rows get no weight)")
+        values = torch.stack([terms[name].float() for name in names])
+        weights, index = self._term_weights(names, values.device)
+        loss = (values * weights).sum()
         if model.training:
-            for i, name in enumerate(TERMS):
-                if name in terms:
-                    self._term_sums[i, 0] += terms[name].detach().float()
-                    self._term_sums[i, 1] += 1
+            self._term_sums.index_add_(0, index, torch.stack([values.detach(), torch.ones_like(values)], 1))
         return (loss, {"terms": terms}) if return_outputs else loss
+
+    def _term_weights(self, names: tuple[str, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of these terms and their rows in ``_term_sums`` (cached per term set)."""
+        key = (names, device)
+        if key not in self._weight_cache:
+            eps = {"lm": self.args.eps_lm, "kl": self.args.eps_kl, "norm": self.args.eps_norm}
+            self._weight_cache[key] = (
+                torch.tensor([eps[n] for n in names], dtype=torch.float32, device=device),
+                torch.tensor([TERMS.index(n) for n in names], device=self._term_sums.device),
+            )
+        return self._weight_cache[key]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss term since the last log (over all processes) to training logs."""
