@@ -9,11 +9,13 @@ frames each, like the Atari data) is trained on repeatedly by
   base (adapter disabled) on the general rows only, which is the floor of the extra cost.
 
 Step = ``Trainer.training_step`` (forward + backward) + optimiser step, timed alternately
-(plain, routed, plain, ...) so machine load hits both alike; the median is reported. Peak
+(plain, routed, plain, ...) so machine load hits both alike; the median is reported. ``floor``
+is ``1 + (that base forward alone) / (plain step)``, timed in the same alternation: the ratio
+no implementation of the SPEC's KL can beat (the norm term and the KL itself come on top). Peak
 memory: CUDA ``max_memory_allocated`` on a GPU; on CPU the peak bytes held by autograd for the
 backward pass (tensors saved for backward), which is what the routing terms add to.
 
-    python benchmarks/bench_routing.py                 # CPU, tiny + ~15M models
+    python benchmarks/bench_routing.py                 # CPU (one thread), tiny + ~15M models
     python benchmarks/bench_routing.py --device cuda
 """
 
@@ -82,6 +84,23 @@ def run_step(trainer, batch):
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
+def general_base_forward(trainer, batch):
+    """The least a routed step must add to a plain one: the no-grad, adapter-disabled forward
+    of the general rows alone (timed on its own as the floor of the ratio)."""
+    from ilora.routing.collator import select_rows
+    from ilora.routing.losses import target_positions
+
+    general = select_rows(batch, ~batch["is_task"], batch["n_images"])
+    rows, positions, _ = target_positions(general["labels"])
+    switch = trainer._adapter_switch
+
+    def run():
+        with torch.inference_mode(), switch.disabled():
+            trainer._target_logits(switch.peft_model, general, rows, positions)
+
+    return run
+
+
 def measure(model_dir, device, n_task, n_general, steps, out):
     rows = make_rows(n_task, 0, n_images=2, answer_len=8) + make_rows(n_general, 1, n_images=2, answer_len=8)
     routes = ["task"] * n_task + ["general"] * n_general
@@ -91,12 +110,15 @@ def measure(model_dir, device, n_task, n_general, steps, out):
         tagged = [{**r, "route": route if mode == "routed" else "task"} for r, route in zip(rows, routes)]
         batches[mode] = trainers[mode]._prepare_inputs(RoutingCollator(proc)(tagged))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {m: [] for m in trainers}
+    base_forward = general_base_forward(trainers["routed"], batches["routed"])
+    ops = {"plain": lambda: run_step(trainers["plain"], batches["plain"]),
+           "routed": lambda: run_step(trainers["routed"], batches["routed"]), "base": base_forward}
+    times = {m: [] for m in ops}
     for i in range(steps + 2):
-        for mode in ("plain", "routed"):
+        for mode, op in ops.items():
             sync()
             start = time.perf_counter()
-            run_step(trainers[mode], batches[mode])
+            op()
             sync()
             if i >= 2:  # warm-up
                 times[mode].append(time.perf_counter() - start)
@@ -123,15 +145,20 @@ def main() -> None:
     parser.add_argument("--task", type=int, default=5, help="task rows per batch")
     parser.add_argument("--general", type=int, default=3, help="general rows per batch (paper mix 100k:60k)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default on CPU: 1, as these small models run faster and steadier on one "
+             "thread of a shared machine; 0: leave torch's default)",
+    )
     parser.add_argument("--models", type=Path, help="folder with prebuilt models named after the sizes (built if missing)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     mem_kind = "peak CUDA memory" if args.device == "cuda" else "peak saved-for-backward"
-    print(f"device {args.device}, batch {args.task} task + {args.general} general rows (2 images each), "
-          f"LoRA r=16 on every linear; median of {args.steps} steps")
-    print(f"{'model':>6} {'params':>8} {'plain s/step':>13} {'routed s/step':>14} {'ratio':>6} "
+    print(f"device {args.device} ({torch.get_num_threads()} threads), batch {args.task} task + {args.general} "
+          f"general rows (2 images each), LoRA r=16 on every linear; median of {args.steps} steps")
+    print(f"{'model':>6} {'params':>8} {'plain s/step':>13} {'routed s/step':>14} {'ratio':>6} {'floor':>6} "
           f"{mem_kind + ' plain':>32} {'routed':>9} {'ratio':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sizes.split(","):
@@ -141,7 +168,8 @@ def main() -> None:
             times, memory, params = measure(model_dir, args.device, args.task, args.general, args.steps, Path(tmp))
             print(
                 f"{name:>6} {params / 1e6:7.2f}M {times['plain']:13.4f} {times['routed']:14.4f} "
-                f"{times['routed'] / times['plain']:6.3f} {memory['plain'] / 2**20:29.1f}MiB "
+                f"{times['routed'] / times['plain']:6.3f} {1 + times['base'] / times['plain']:6.3f} "
+                f"{memory['plain'] / 2**20:29.1f}MiB "
                 f"{memory['routed'] / 2**20:6.1f}MiB {memory['routed'] / memory['plain']:6.3f}"
             )
 
