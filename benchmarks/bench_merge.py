@@ -4,8 +4,9 @@ Prints, measured in one run:
   1. one 4096x4096 module, two adapters: PEFT ``add_weighted_adapter(svd)`` vs our I-LoRA
      merge of the same adapters (and our factorised SVD alone);
   2. every module of the model (or a ``--quick`` subset), four adapters, one-shot and then
-     iterative (one adapter at a time): wall time and peak RSS, beside the time a plain
-     torch matmul of the same matmul-FLOP count takes in the same process.
+     iterative (one adapter at a time): merge time (and the wall time that also generates
+     the synthetic adapters) and peak RSS, beside the time a plain torch matmul of the same
+     matmul-FLOP count takes in the same process (FLOPs counted in a separate, untimed pass).
 
 Shapes only (no weights are downloaded): Qwen2-7B LM (hidden 3584, intermediate 18944, 28
 layers, k/v width 512), SigLIP so400m tower (hidden 1152, intermediate 4304, 26 layers),
@@ -60,28 +61,40 @@ def synthetic_lora(out: int, inp: int, rank: int, seed: int):
     return LowRankDelta(lora_B, lora_A, scale=2.0)
 
 
-def matmul_floor(flops: float, max_seconds: float = 60.0) -> tuple[float, float, float]:
-    """Seconds a plain 4096x4096 @ 4096x512 matmul loop takes for ``flops``.
+def matmul_rate(flops: float, max_seconds: float = 60.0) -> tuple[float, float, float]:
+    """The rate of a plain 4096x4096 @ 4096x512 matmul loop, in wall and in CPU time.
 
-    The loop runs the full count, or for ``max_seconds`` when that is shorter, and the time
-    is scaled to ``flops`` at the rate it measured.
+    The loop runs ``flops`` worth of matmuls, or for ``max_seconds`` when that is shorter.
 
     Returns:
-        ``(floor seconds, GFLOP/s, seconds actually timed)``.
+        ``(GFLOP/s by the wall clock, GFLOP/s by process CPU time, seconds timed)``.
     """
     a, b = torch.randn(4096, 4096), torch.randn(4096, 512)
     per = 2 * 4096 * 4096 * 512
     a @ b  # warm-up
-    reps, start = 0, time.perf_counter()
-    while reps < max(1, round(flops / per)) and time.perf_counter() - start < max_seconds:
+    needed = max(1, round(flops / per)) if math.isfinite(flops) else math.inf
+    reps, start, cpu_start = 0, time.perf_counter(), time.process_time()
+    while reps < needed and time.perf_counter() - start < max_seconds:
         a @ b
         reps += 1
-    seconds = time.perf_counter() - start
-    return seconds * flops / (reps * per), reps * per / seconds / 1e9, seconds
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return reps * per / seconds / 1e9, reps * per / cpu_seconds / 1e9, seconds
 
 
 def merge_phase(kind: str, shapes: dict[str, tuple[int, int]], rank: int, n_adapters: int, threads: int, queue) -> None:
-    """One phase in its own process: stream every module; report time, RSS, FLOPs, floor."""
+    """One phase in its own process: stream every module; report times, RSS, FLOPs, floor.
+
+    The timed pass runs uninstrumented. FLOPs are counted in a second, untimed pass:
+    ``FlopCounterMode`` sends every torch op through Python (tens of µs each), which would
+    otherwise be timed as merge work. A one-shot merge's FLOPs depend only on the module's
+    shape, so that pass counts one module per shape; an iterative merge's depend on the data
+    (the truncated SVD's iterations), so it counts every module.
+
+    The matmul rate is sampled before the merge (10 s) and after it (the whole FLOP count,
+    at most 60 s); the floor takes the faster sample, so a busy moment during one of them
+    cannot make the floor look slow. Rates and times are taken by the wall clock and in
+    process CPU time (the latter discounts time the process waited for a core).
+    """
     from torch.utils.flop_counter import FlopCounterMode
     from tqdm import tqdm
 
@@ -90,21 +103,47 @@ def merge_phase(kind: str, shapes: dict[str, tuple[int, int]], rank: int, n_adap
 
     torch.set_num_threads(threads)
     method = get_method("ilora")
-    counter = FlopCounterMode(display=False)
-    start = time.perf_counter()
-    with counter:
-        for index, (module, (out, inp)) in enumerate(tqdm(shapes.items(), desc=kind, unit="module", leave=False)):
-            adapters = [synthetic_lora(out, inp, rank, seed=1000 * a + index) for a in range(n_adapters)]
-            if kind == "one-shot":
-                method.merge_module(module, adapters)
-            else:
-                merged, _ = method.merge_module(module, adapters[:2])
-                for adapter in adapters[2:]:
-                    merged, _ = method.merge_module(module, [DenseDelta(merged), adapter])
+
+    def adapters_of(index: int, out: int, inp: int) -> list:
+        return [synthetic_lora(out, inp, rank, seed=1000 * a + index) for a in range(n_adapters)]
+
+    def merge(module: str, adapters: list) -> None:
+        if kind == "one-shot":
+            method.merge_module(module, adapters)
+        else:
+            merged, _ = method.merge_module(module, adapters[:2])
+            for adapter in adapters[2:]:
+                merged, _ = method.merge_module(module, [DenseDelta(merged), adapter])
+
+    rate_before = matmul_rate(float("inf"), max_seconds=10.0)
+    merge_seconds, merge_cpu, start = 0.0, 0.0, time.perf_counter()
+    for index, (module, (out, inp)) in enumerate(tqdm(shapes.items(), desc=kind, unit="module", leave=False)):
+        adapters = adapters_of(index, out, inp)  # as if read from disk: in the wall time, not the merge time
+        begin, cpu_begin = time.perf_counter(), time.process_time()
+        merge(module, adapters)
+        merge_seconds += time.perf_counter() - begin
+        merge_cpu += time.process_time() - cpu_begin
     seconds = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    flops = counter.get_total_flops()
-    queue.put((seconds, peak_gb, flops, *matmul_floor(flops)))
+
+    flops, per_shape = 0, {}
+    for index, (module, (out, inp)) in enumerate(tqdm(shapes.items(), desc=f"{kind} FLOPs", unit="module", leave=False)):
+        if kind == "one-shot" and (out, inp) in per_shape:
+            flops += per_shape[out, inp]
+            continue
+        counter = FlopCounterMode(display=False)
+        adapters = adapters_of(index, out, inp)
+        with counter:
+            merge(module, adapters)
+        per_shape[out, inp] = counter.get_total_flops()
+        flops += per_shape[out, inp]
+    rate_after = matmul_rate(flops)
+    queue.put(
+        {
+            "wall": seconds, "merge": merge_seconds, "merge_cpu": merge_cpu, "peak_gb": peak_gb, "flops": flops,
+            "rate_before": rate_before, "rate_after": rate_after,
+        }
+    )
 
 
 def run_phase(*args) -> tuple:
@@ -175,11 +214,19 @@ def main() -> None:
     if not args.skip_peft:
         per_module_comparison(4096, args.rank, args.threads)
     for kind in args.phases.split(","):
-        seconds, peak_gb, flops, floor, gflops, timed = run_phase(kind, shapes, args.rank, args.adapters, args.threads)
+        r = run_phase(kind, shapes, args.rank, args.adapters, args.threads)
+        (wall_before, cpu_before, _), (wall_after, cpu_after, timed) = r["rate_before"], r["rate_after"]
+        rate, cpu_rate = max(wall_before, wall_after), max(cpu_before, cpu_after)
+        floor, cpu_floor = r["flops"] / rate / 1e9, r["flops"] / cpu_rate / 1e9
         print(
             f"[{kind}, {args.adapters} adapters r={args.rank}, {len(shapes)} modules] "
-            f"wall {seconds:.1f} s, peak RSS {peak_gb:.2f} GiB; matmul floor {floor:.1f} s ({flops / 1e12:.2f} TFLOP at {gflops:.0f} GFLOP/s, rate timed over {timed:.0f} s) "
-            f"-> {seconds / floor:.2f}x the floor",
+            f"merge {r['merge']:.1f} s wall, {r['merge_cpu']:.1f} s CPU "
+            f"(wall {r['wall']:.1f} s with generating the synthetic adapters), peak RSS {r['peak_gb']:.2f} GiB\n"
+            f"  matmul floor {floor:.1f} s wall, {cpu_floor:.1f} s CPU ({r['flops'] / 1e12:.2f} TFLOP at {rate:.0f} GFLOP/s wall, "
+            f"{cpu_rate:.0f} CPU: the faster of {wall_before:.0f}/{cpu_before:.0f} before the merge and "
+            f"{wall_after:.0f}/{cpu_after:.0f} after it, timed over {timed:.0f} s)\n"
+            f"  -> {r['merge'] / floor:.2f}x the floor by the wall clock ({r['wall'] / floor:.2f}x counting the generation), "
+            f"{r['merge_cpu'] / cpu_floor:.2f}x in CPU time",
             flush=True,
         )
 

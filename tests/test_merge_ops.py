@@ -127,6 +127,90 @@ def test_max_magnitude_of_factored_candidates_equals_dense(n, rows, cols, seed):
     torch.testing.assert_close(blocked, ops.max_magnitude(dense), atol=1e-6, rtol=1e-6)
 
 
+def where_fold(dense: list[torch.Tensor]) -> torch.Tensor:
+    """The max-magnitude rule written plainly on dense matrices (the former implementation)."""
+    merged, largest = dense[0].clone(), dense[0].abs()
+    for values in dense[1:]:
+        magnitude = values.abs()
+        merged = torch.where(magnitude >= largest, values, merged)
+        largest = torch.maximum(largest, magnitude)
+    return merged
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    rows=st.integers(1, 160),
+    cols=st.integers(1, 160),
+    k=st.integers(1, 48),
+    dense_mask=st.integers(0, 15),
+    block_bytes=st.sampled_from([4, 16, 64, 400, 4096, 40_000]),
+    seed=st.integers(0, 2**16),
+)
+def test_max_magnitude_tiling_is_bit_exact(n, rows, cols, k, dense_mask, block_bytes, seed):
+    """Tiled (small ``block_bytes``) == one tile == the plain dense rule, bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    candidates = [
+        torch.randn(rows, cols, generator=gen)
+        if dense_mask >> i & 1
+        else (torch.randn(rows, k, generator=gen), torch.randn(k, cols, generator=gen))
+        for i in range(n)
+    ]
+    whole = ops.max_magnitude(candidates, block_bytes=1 << 40)
+    assert same_bits(ops.max_magnitude(candidates, block_bytes=block_bytes), whole)
+    dense = [c[0] @ c[1] if isinstance(c, tuple) else c for c in candidates]
+    assert same_bits(whole, where_fold(dense))
+
+
+def test_max_magnitude_signed_zero_and_infinite_ties_go_to_later_input():
+    first = torch.tensor([[0.0, -0.0, float("inf"), -float("inf"), 1e-45]])
+    later = torch.tensor([[-0.0, 0.0, -float("inf"), float("inf"), -1e-45]])
+    for a, b in ((first, later), (later, first)):
+        assert same_bits(ops.max_magnitude([a, b]), b)
+
+
+def test_max_magnitude_nan_propagates():
+    values = torch.tensor([[1.0, -5.0, 2.0]])
+    nan = torch.tensor([[float("nan"), 0.0, 0.0]])
+    for candidates in ([values, nan], [nan, values], [values, nan, values]):
+        merged = ops.max_magnitude(candidates)
+        assert bool(merged[0, 0].isnan()) and merged[0, 1:].tolist() == [-5.0, 2.0]
+
+
+def test_max_magnitude_of_other_dtypes_is_float32():
+    a = torch.randn(5, 6).bfloat16()
+    b = (torch.randn(5, 2).double(), torch.randn(2, 6).double())
+    merged = ops.max_magnitude([a, b])
+    assert merged.dtype == torch.float32
+    assert same_bits(merged, where_fold([a.float(), (b[0] @ b[1]).float()]))
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_thin_qr_leaves_its_input_alone(layout):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 6, generator=gen)
+    if layout == "column-major":
+        x = x.T.contiguous().T
+    before = x.clone()
+    q, r = ops.thin_qr(x)
+    assert torch.equal(x, before) and x.stride() == before.stride()
+    torch.testing.assert_close(q @ r, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q.T @ q, torch.eye(6), atol=1e-5, rtol=0)
+
+
+def test_factorized_svd_rank_above_width():
+    """A LoRA rank above the module's input width: at most ``in`` singular values."""
+    gen = torch.Generator().manual_seed(0)
+    lora_B, lora_A = torch.randn(8, 5, generator=gen), torch.randn(5, 4, generator=gen)
+    u, s, vh = ops.factorized_svd(lora_B, lora_A, 1.0)
+    assert u.shape == (8, 4) and s.shape == (4,) and vh.shape == (4, 4)
+    torch.testing.assert_close(ops.low_rank_product(u, s, vh), lora_B @ lora_A, atol=1e-4, rtol=1e-4)
+
+
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 4), ratio=st.floats(0.05, 1.0), seed=st.integers(0, 2**16))
 def test_pcb_entries_are_weighted_averages(n, ratio, seed):

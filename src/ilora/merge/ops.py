@@ -32,19 +32,29 @@ def thin_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``k << n``; falls back to Householder QR when ``x`` is (numerically) rank deficient.
 
     Args:
-        x: ``n x k`` float32 matrix, ``n >= k``.
+        x: ``n x k`` float32 matrix; ``n < k`` goes to Householder QR.
 
     Returns:
-        ``(Q, R)``: ``Q`` ``n x k`` with orthonormal columns, ``R`` ``k x k`` upper triangular.
+        ``(Q, R)``: ``Q`` ``n x m`` with orthonormal columns, ``R`` ``m x k`` upper triangular,
+        ``m = min(n, k)``.
     """
+    if x.shape[0] < x.shape[1]:  # wide (e.g. a LoRA rank above a module's width): Gram is singular
+        return torch.linalg.qr(x)
     q, r = x, torch.eye(x.shape[1], dtype=torch.float64)
-    for _ in range(2):
+    for step in range(2):
         lower, info = torch.linalg.cholesky_ex((q.T @ q).double())
         if int(info) != 0:
             return torch.linalg.qr(x)
-        q = torch.linalg.solve_triangular(lower.T.to(x.dtype), q, upper=True, left=False)  # q ← q L⁻ᵀ
+        # solve_triangular works on a column-major copy of its right-hand side (and returns
+        # it). Handing it one, to overwrite, skips its slow strided copy; the LAPACK call,
+        # hence every bit of the result, is unchanged. The first pass copies x (the
+        # caller's), the second overwrites the first pass's output, already column-major.
+        rhs = x.T.clone(memory_format=torch.contiguous_format).T if step == 0 else q
+        q = torch.linalg.solve_triangular(lower.T.to(x.dtype), rhs, upper=True, left=False, out=rhs)  # q ← q L⁻ᵀ
         r = lower.T @ r
-    if not bool(torch.isfinite(q).all()):
+    # One summing pass proves every entry finite (a NaN or Inf makes the sum non-finite);
+    # only a non-finite sum needs the element-wise check.
+    if not bool(torch.isfinite(q.sum())) and not bool(torch.isfinite(q).all()):
         return torch.linalg.qr(x)
     return q, r.to(x.dtype)
 
@@ -179,41 +189,93 @@ def leading_singular_triplets(
 
 Candidate = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
+_MAGNITUDE_BITS = 0x7FFFFFFF  # float32 bits without the sign: |x| as an int32, ordered like |x|
 
-def max_magnitude(candidates: list[Candidate], block_bytes: int = 1 << 22) -> torch.Tensor:
+
+def _spans(size: int, step: int) -> list[tuple[int, int]]:
+    """``[0, size)`` cut into about ``size / step`` near-equal spans, none shorter than 2 (or ``size``)."""
+    parts = max(1, min(-(-size // max(1, step)), size // 2))
+    return [(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
+
+
+def max_magnitude(candidates: list[Candidate], block_bytes: int = 1 << 18) -> torch.Tensor:
     """Element-wise, the candidate value farthest from zero, sign kept (SPEC §2.4).
 
     Ties in absolute value go to the later candidate, so the result is deterministic; it is
-    independent of candidate order wherever no tie occurs. A candidate may be a dense
-    matrix or a low-rank pair ``(left, right)`` standing for ``left @ right``; the work runs
-    in row blocks of about ``block_bytes`` so that low-rank candidates are never formed
-    whole and the element-wise passes stay in cache.
+    independent of candidate order wherever no tie occurs. A NaN counts as the largest
+    magnitude (it propagates, so a caller's finiteness check sees it). A candidate may be a
+    dense matrix or a low-rank pair ``(left, right)`` standing for ``left @ right``.
+
+    The work runs tile by tile (about ``block_bytes`` of output each, tall enough for the
+    products to run at matmul speed): each factored candidate's tile is one matmul into a
+    cache-resident buffer, and the selection is a few integer passes over the float bits
+    in that buffer (``|x|`` is ``bits & 0x7FFFFFFF``; the later candidate wins where its
+    magnitude is ``>=``, selected branch-free with a sign mask), so nothing of full size but
+    the result is ever written. No tile is a matrix-vector product unless the whole product
+    is one, so every entry gets the bits of the whole product's matmul and the result does
+    not depend on the tiling (``block_bytes``); tests check this bit for bit.
 
     Args:
         candidates: same-shape ``out x in`` matrices or factor pairs, in input order.
-        block_bytes: size of one row block of one candidate.
+        block_bytes: float32 size of one output tile.
 
     Returns:
         A new float32 ``out x in`` tensor.
     """
-
-    def rows_of(cand: Candidate, rows: slice) -> torch.Tensor:
-        return cand[0][rows] @ cand[1] if isinstance(cand, tuple) else cand[rows]
-
+    if not candidates:
+        raise ValueError("max_magnitude needs at least one candidate")
     first = candidates[0]
-    n_out, n_in = (first[0].shape[0], first[1].shape[1]) if isinstance(first, tuple) else first.shape
+    n_out, n_in = (first[0].shape[0], first[1].shape[1]) if isinstance(first, tuple) else tuple(first.shape)
     merged = torch.empty(n_out, n_in)
-    step = max(1, block_bytes // (4 * n_in))
-    for start in range(0, n_out, step):
-        rows = slice(start, start + step)
-        block = merged[rows]
-        block.copy_(rows_of(first, rows))
-        largest = block.abs()
-        for cand in candidates[1:]:
-            values = rows_of(cand, rows)
-            magnitude = values.abs()
-            torch.where(magnitude >= largest, values, block, out=block)
-            torch.maximum(largest, magnitude, out=largest)
+    # Tiles about 4:1 wide, up to 128 rows: each tile's matmul re-packs its right factor, so
+    # short tiles would run the products well below peak. No tile is one row or one column
+    # (unless the matrix is): a matrix-vector product sums in another order than a matmul.
+    tile_elems = max(4, block_bytes // 4)
+    tile_rows = min(n_out, max(2, min(128, math.isqrt(tile_elems // 4))))
+    tile_cols = min(n_in, max(2, tile_elems // tile_rows))
+    tile_rows = min(n_out, max(tile_rows, tile_elems // tile_cols))
+    row_spans = [(0, n_out)] if n_in == 1 else _spans(n_out, tile_rows)
+    col_spans = [(0, n_in)] if n_out == 1 else _spans(n_in, tile_cols)
+    tile_cols, tile_rows = max(b - a for a, b in col_spans), max(b - a for a, b in row_spans)
+    scratch_elems = tile_rows * tile_cols if len(candidates) > 1 else 0
+    scratch_value = torch.empty(scratch_elems)
+    scratch_a = torch.empty(scratch_elems, dtype=torch.int32)
+    scratch_b = torch.empty(scratch_elems, dtype=torch.int32)
+    # 0-dim int32 operands: a Python int would be wrapped into a new tensor on every call.
+    magnitude_bits, sign_shift = torch.tensor(_MAGNITUDE_BITS, dtype=torch.int32), torch.tensor(31, dtype=torch.int32)
+
+    def tile_of(cand: Candidate, rows: tuple[int, int], cols: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+        """The candidate's float32 values on a tile: a view of a dense candidate, else ``out``."""
+        if isinstance(cand, tuple):
+            left, right = cand[0][rows[0] : rows[1]], cand[1][:, cols[0] : cols[1]]
+            if left.dtype == right.dtype == out.dtype:
+                return torch.mm(left, right, out=out)
+            return out.copy_(left @ right)
+        tile = cand[rows[0] : rows[1], cols[0] : cols[1]]
+        return tile if tile.dtype == out.dtype else out.copy_(tile)
+
+    for rows in row_spans:
+        h = rows[1] - rows[0]
+        for cols in col_spans:
+            w = cols[1] - cols[0]
+            best = merged[rows[0] : rows[1], cols[0] : cols[1]]
+            values = tile_of(first, rows, cols, best)
+            if values is not best:
+                best.copy_(values)
+            if len(candidates) == 1:
+                continue
+            best_bits = best.view(torch.int32)
+            buffer = scratch_value[: h * w].view(h, w)
+            a, b = scratch_a[: h * w].view(h, w), scratch_b[: h * w].view(h, w)
+            for cand in candidates[1:]:
+                bits = tile_of(cand, rows, cols, buffer).view(torch.int32)
+                torch.bitwise_and(bits, magnitude_bits, out=a)  # |new|
+                torch.bitwise_and(best_bits, magnitude_bits, out=b)  # |best|
+                torch.sub(a, b, out=b)  # >= 0 where the new value wins (ties included); no overflow
+                b.bitwise_right_shift_(sign_shift)  # all ones where the kept value is strictly larger, else 0
+                torch.bitwise_xor(bits, best_bits, out=a)
+                b.bitwise_and_(a)
+                torch.bitwise_xor(bits, b, out=best_bits)  # new ^ ((new ^ best) & keep_mask)
     return merged
 
 
