@@ -55,3 +55,48 @@ def test_short_budget_reproduces_quality(tmp_path):
     assert got["overall"]["accuracy"] >= 0.6 * shipped["overall"]["accuracy"]
     assert got["per_task"]["grounding_relation"]["accuracy"] >= 0.9
     assert got["per_task"]["atari_game"]["accuracy"] >= 0.8
+
+
+def test_spread_embeddings_separates_only_the_given_rows():
+    import torch
+
+    from ilora.models.load import load_vlm
+    from ilora.models.pretrain import action_token_ids, spread_embeddings
+
+    model, processor = load_vlm(builtin_base())
+    ids = action_token_ids(processor.tokenizer)
+    assert len(ids) >= 6 and len(set(ids)) == len(ids)
+    weight = model.get_input_embeddings().weight
+    before = weight.detach().clone()
+    # Collapse the rows first, as pretraining had left them.
+    with torch.no_grad():
+        weight[ids] = before[ids].mean(0) + 0.01 * torch.randn(len(ids), weight.shape[1])
+    collapsed = weight[ids].detach().clone()
+    max_cos = spread_embeddings(model, ids, seed=0)
+    after = weight.detach()
+    unit = torch.nn.functional.normalize(after[ids], dim=-1)
+    assert max_cos == pytest.approx(float((unit @ unit.T).fill_diagonal_(-1).max()), abs=1e-6)
+    assert max_cos < 0.8
+    others = torch.ones(len(after), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(after[others], before[others])
+    offsets = (after[ids] - collapsed.mean(0)).norm(dim=-1)  # offsets of the rows' mean norm from their mean
+    assert torch.allclose(offsets, collapsed.norm(dim=-1).mean().expand_as(offsets), rtol=1e-4)
+    assert model.get_output_embeddings().weight.data_ptr() == weight.data_ptr()  # tied: the head moved too
+    # Deterministic under the seed.
+    with torch.no_grad():
+        weight[ids] = collapsed
+    spread_embeddings(model, ids, seed=0)
+    assert torch.equal(weight[ids], after[ids])
+
+
+def test_shipped_base_has_spread_action_embeddings():
+    import torch
+
+    from ilora.models.load import load_vlm
+    from ilora.models.pretrain import action_token_ids
+
+    model, processor = load_vlm(builtin_base())
+    rows = model.get_input_embeddings().weight[action_token_ids(processor.tokenizer)].detach()
+    unit = torch.nn.functional.normalize(rows, dim=-1)
+    assert float((unit @ unit.T).fill_diagonal_(-1).max()) < 0.6
