@@ -15,7 +15,7 @@ per module on the fly (as if streamed from disk); each phase runs in a fresh pro
 its peak RSS is its own. The merged deltas are computed and dropped, not written (a full
 merged state is ~28 GB of float32).
 
-    python benchmarks/bench_merge.py            # everything (several minutes on 2 cores)
+    python benchmarks/bench_merge.py            # everything (at --threads 1: one-shot ~5 min, iterative ~1 h)
     python benchmarks/bench_merge.py --quick    # 2 LM + 2 vision layers + projector
 """
 
@@ -25,6 +25,7 @@ import argparse
 import math
 import multiprocessing as mp
 import os
+import queue as queue_module
 import resource
 import time
 
@@ -146,12 +147,18 @@ def merge_phase(kind: str, shapes: dict[str, tuple[int, int]], rank: int, n_adap
     )
 
 
-def run_phase(*args) -> tuple:
+def run_phase(*args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=merge_phase, args=(*args, queue), daemon=True)
     proc.start()
-    result = queue.get()
+    while True:  # a phase process that dies (killed, out of memory) must not leave us waiting
+        try:
+            result = queue.get(timeout=10)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise SystemExit(f"bench_merge: the {args[0]} phase process died (exit code {proc.exitcode})") from None
     proc.join()
     return result
 
