@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from atari_helpers import spread_observations
 from torch import nn
 
 from ilora.atari import evaluate
@@ -104,21 +105,10 @@ def test_never_parsing_model_is_reported_not_crashed(tiny_vlm):
     assert "no answer named a valid action" in evaluate.format_summary(summary)
 
 
-def _observations(n: int, game: str = "Pong") -> list:
-    env = TwoFrameEnv(game, repeat_action_probability=0.0)
-    obs = [env.reset(seed=3)]
-    while len(obs) < n:
-        for _ in range(9):
-            transition = env.step(len(obs) % 3)
-        obs.append(transition.observation)
-    env.close()
-    return obs
-
-
 def test_score_mode_is_the_exact_answer_likelihood_under_left_padding(tiny_vlm):
     model, processor = tiny_vlm
     agent = VLMAgent(model, processor, "Pong", mode="score", object_text=True)
-    rows = agent.rows(_observations(2))
+    rows = agent.rows(spread_observations(2))
     rows[1]["prompt"] += " Hurry." * 5  # prompts of different lengths: real left padding
     batch = encode_rows(processor, rows, with_answer=False, padding_side="left")
     assert (batch["attention_mask"][:, 0] == 0).any()
@@ -159,7 +149,7 @@ def _force_answer(model, token_chain, strength=40.0):
 def test_score_mode_equals_greedy_direct_answer_when_confident(tiny_vlm):
     model, processor = tiny_vlm
     tok = processor.tokenizer
-    observations = _observations(2)
+    observations = spread_observations(2)
     scorer = VLMAgent(model, processor, "Pong", mode="score", object_text=True)
     greedy = VLMAgent(model, processor, "Pong", mode="generate", reasoning=False, object_text=True, max_new_tokens=8)
     last_prompt_token = encode_rows(processor, scorer.rows(observations[:1]), with_answer=False)["input_ids"][0, -1]

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from atari_helpers import spread_observations
 
 from ilora.atari import agent as agent_module
 from ilora.atari.agent import PromptPrefix, VLMAgent
@@ -26,18 +27,6 @@ def _play(game: str, n: int, seed: int = 3) -> list:
     return obs
 
 
-def _observations(game: str, n: int) -> list:
-    """Observations spread over an episode, whose object-state texts differ in length."""
-    env = TwoFrameEnv(game, repeat_action_probability=0.0)
-    obs = [env.reset(seed=3)]
-    while len(obs) < n:
-        for _ in range(9):
-            transition = env.step(len(obs) % 3)
-        obs.append(transition.observation)
-    env.close()
-    return obs
-
-
 def _scores(agent, observations) -> torch.Tensor:
     with torch.inference_mode():
         return agent.score_observations(observations)
@@ -46,7 +35,7 @@ def _scores(agent, observations) -> torch.Tensor:
 @pytest.mark.parametrize("game", ["Pong", "Boxing"])
 def test_cached_scores_equal_full_prompt_scores_batched_and_one_by_one(tiny_vlm, game):
     model, processor = tiny_vlm
-    observations = _observations(game, 5)
+    observations = spread_observations(5, game)
     cached = VLMAgent(model, processor, game, mode="score", object_text=True)
     full = VLMAgent(model, processor, game, mode="score", object_text=True, prefix_cache=False)
     batched = _scores(cached, observations)
@@ -79,7 +68,7 @@ def test_every_candidate_pass_gives_the_same_scores(tiny_vlm, monkeypatch, mask_
     """Candidates after the cache: cache copied per candidate (any attention kernel), or all of a
     row's candidates in one sequence with a custom 4D mask (SDPA: boolean; eager: additive float)."""
     model, processor = tiny_vlm
-    observations = _observations("Pong", 3)
+    observations = spread_observations(3, "Pong")
     reference = _scores(VLMAgent(model, processor, "Pong", object_text=True, prefix_cache=False), observations)
     if mask_kind == "float":  # eager attention takes the additive mask; on a copy, not the shared model
         model = copy.deepcopy(model)
@@ -94,7 +83,7 @@ def test_every_candidate_pass_gives_the_same_scores(tiny_vlm, monkeypatch, mask_
 def test_prefix_is_the_rows_constant_start_and_is_never_modified(tiny_vlm):
     model, processor = tiny_vlm
     agent = VLMAgent(model, processor, "Pong", object_text=True)
-    observations = _observations("Pong", 4)
+    observations = spread_observations(4, "Pong")
     first = _scores(agent, observations[:1])
     prefix = agent._prefix
     stored = [(k.clone(), v.clone()) for k, v in prefix.layers]
@@ -120,7 +109,7 @@ def test_unusable_prefix_falls_back_to_the_full_forward(tiny_vlm, monkeypatch):
     model, processor = tiny_vlm
     monkeypatch.setattr(PromptPrefix, "build", classmethod(lambda cls, *a: "tokens differ"))
     agent = VLMAgent(model, processor, "Pong", object_text=True)
-    observations = _observations("Pong", 2)
+    observations = spread_observations(2, "Pong")
     scores = _scores(agent, observations)
     assert not agent.prefix_cache and agent.prefix_cache_off == "tokens differ"
     reference = _scores(VLMAgent(model, processor, "Pong", object_text=True, prefix_cache=False), observations)
@@ -131,7 +120,7 @@ def test_generate_mode_sees_context_then_frames_then_step_text(tiny_vlm):
     model, processor = tiny_vlm
     agent = VLMAgent(model, processor, "Pong", mode="generate", reasoning=False, object_text=True, max_new_tokens=3)
     assert not agent.prefix_cache
-    observations = _observations("Pong", 2)
+    observations = spread_observations(2, "Pong")
     row = agent.rows(observations[:1])[0]
     assert row["context"] == build_context("Pong") and row["prompt"].startswith("Objects")
     assert build_prompt("Pong", object_text="x", reasoning=False) == row["context"] + "\n\n" + build_step_prompt(
@@ -147,7 +136,7 @@ def test_collected_rows_have_the_agents_layout(tiny_vlm):
     ds = collect_dataset("Pong", 1, seed=3, max_steps=20, progress=False, reasoning=False)
     assert "context" in ds.column_names and set(ds["context"]) == {build_context("Pong")}
     agent = VLMAgent(model, processor, "Pong", object_text=True)
-    _scores(agent, _observations("Pong", 1))
+    _scores(agent, spread_observations(1, "Pong"))
     ids = encode_row(processor, ds[0], with_answer=False)["input_ids"]
     assert ids[: len(agent._prefix)] == agent._prefix.ids
     assert "Relations: " in ds[0]["prompt"] and ds[0]["prompt"].endswith(build_step_prompt(reasoning=False))
