@@ -81,3 +81,19 @@ def test_rerun_skips_and_a_deleted_stage_is_redone_with_its_dependents(quick_run
     redo = Experiment(serial, log=lambda *_: None)
     redo.run()
     assert sorted(redo.runner.ran) == ["eval/merge/ilora", "merge/ilora", "report"]
+
+
+def test_routed_adapters_see_as_many_task_rows_as_plain_ones(quick_run):
+    """Routed batches also carry general rows, so routed adapters take more steps (match_task_rows)."""
+    config, run_dir, _ = quick_run
+    batch = config.train.batch_size
+    for game in config.games:
+        plain = json.loads((run_dir / "train" / "plain" / game / "stage.json").read_text())["result"]
+        routed = json.loads((run_dir / "train" / "routed" / game / "stage.json").read_text())["result"]
+        assert plain["steps"] == config.train.max_steps
+        n_general = config.data.other_game_rows * (len(config.games) - 1)
+        n_general += max(1, int(config.train.general_share * routed["task_rows"]))
+        task_share = routed["task_rows"] / (routed["task_rows"] + n_general)
+        assert routed["steps"] > plain["steps"]
+        assert routed["steps"] * batch * task_share >= plain["steps"] * batch
+        assert (routed["steps"] - 1) * batch * task_share < plain["steps"] * batch  # and no more than that

@@ -27,7 +27,12 @@ class DataSettings:
 class TrainSettings:
     """Adapter training: shared by plain, routed, joint and ablation adapters."""
 
-    max_steps: int = field(300, help="optimiser steps per adapter")
+    max_steps: int = field(300, help="optimiser steps per adapter (a plain one; see match_task_rows)")
+    match_task_rows: bool = field(
+        True,
+        help="routed adapters take more steps so they see as many task rows as a plain one (their batches also "
+        "carry general rows; the paper trains both for the same epochs of task data)",
+    )
     batch_size: int = field(16, help="rows per step")
     learning_rate: float = field(2e-3, help="peak learning rate (linear decay)")
     lora_r: int = field(16, help="LoRA rank")

@@ -15,6 +15,7 @@ once), ``iter/<order>/<k>`` (I-LoRA merging one game at a time, after k games),
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,13 +154,16 @@ class Experiment:
                 general += [
                     Source(self.load_rows(f"data/{g}", "train"), "general", size=d.other_game_rows, name=g) for g in others
                 ]
+            n_steps = steps or t.max_steps
+            if routed and t.match_task_rows:
+                n_steps = task_matched_steps(n_steps, n_task, sum(s.size for s in general))
             args = RoutingConfig(
                 output_dir=str(folder / "trainer"),
-                max_steps=steps or t.max_steps,
+                max_steps=n_steps,
                 per_device_train_batch_size=t.batch_size,
                 learning_rate=t.learning_rate,
                 lr_scheduler_type="linear",
-                warmup_steps=max(1, (steps or t.max_steps) // 20),
+                warmup_steps=max(1, n_steps // 20),
                 lora_r=t.lora_r,
                 lora_alpha=t.lora_alpha,
                 lora_dropout=t.lora_dropout,
@@ -169,7 +173,7 @@ class Experiment:
                 eps_norm=weights["eps_norm"],
                 seed=self.cfg.seed,
                 save_strategy="no",
-                logging_steps=max(1, (steps or t.max_steps) // 10),
+                logging_steps=max(1, n_steps // 10),
                 use_cpu=not torch.cuda.is_available(),
                 dataloader_num_workers=0,
                 disable_tqdm=False,
@@ -177,7 +181,8 @@ class Experiment:
             train_adapter(self.base_path, task, general, args, folder / "adapter", dtype=t.dtype)
             shutil.rmtree(folder / "adapter.run", ignore_errors=True)
             log = json.loads((folder / "adapter" / "loss_log.json").read_text())
-            return {"final": next((h for h in reversed(log) if "train_loss" in h), log[-1] if log else {})}
+            final = next((h for h in reversed(log) if "train_loss" in h), log[-1] if log else {})
+            return {"steps": n_steps, "task_rows": n_task, "final": final}
 
         self.stage(f"train/{name}", settings, fit, deps)
         self.models[name] = ModelSpec(adapter=self.runner.folder(f"train/{name}") / "adapter")
@@ -346,6 +351,17 @@ class Experiment:
         self.run_eval()
         self.run_analysis()
         return self.run_report()
+
+
+def task_matched_steps(steps: int, n_task: int, n_general: int) -> int:
+    """Steps at which a routed mix of ``n_task`` task and ``n_general`` general rows has shown as
+    many task rows (in expectation) as ``steps`` plain steps over task rows alone.
+
+    Routed batches are drawn from the shuffled mix, so only a share ``n_task / (n_task +
+    n_general)`` of their rows are task rows; with the same step count a routed adapter would
+    learn its task from fewer examples than the plain adapter it is compared with.
+    """
+    return math.ceil(steps * (n_task + n_general) / n_task)
 
 
 def _run_job(args: tuple) -> None:
