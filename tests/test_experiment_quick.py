@@ -83,10 +83,13 @@ def test_rerun_skips_and_a_deleted_stage_is_redone_with_its_dependents(quick_run
     assert sorted(redo.runner.ran) == ["eval/merge/ilora", "merge/ilora", "report"]
 
 
-def test_routed_adapters_see_as_many_task_rows_as_plain_ones(quick_run):
-    """Routed batches also carry general rows, so routed adapters take more steps (match_task_rows)."""
+def test_routed_and_joint_adapters_see_as_many_task_rows_as_plain_ones(quick_run):
+    """Routed batches also carry general rows, so routed adapters take more steps (match_task_rows);
+    the joint adapter takes the single-game adapters' steps together."""
     config, run_dir, _ = quick_run
     batch = config.train.batch_size
+    joint = json.loads((run_dir / "train" / "joint" / "stage.json").read_text())["result"]
+    assert joint["steps"] == config.train.max_steps * len(config.games)
     for game in config.games:
         plain = json.loads((run_dir / "train" / "plain" / game / "stage.json").read_text())["result"]
         routed = json.loads((run_dir / "train" / "routed" / game / "stage.json").read_text())["result"]

@@ -43,7 +43,11 @@ class TrainSettings:
     eps_kl: float = field(0.01, help="routed adapters: KL(base || lora) weight on general rows")
     eps_norm: float = field(2.0, help="routed adapters: LoRA-B output norm weight on general rows")
     general_share: float = field(0.5, help="general rows per task row in a routed adapter's mix")
-    joint_steps_factor: float = field(2.0, help="the joint adapter's steps as a multiple of max_steps (it learns every game)")
+    joint_steps_factor: float | None = field(
+        None,
+        help="the joint adapter's steps as a multiple of max_steps; None: the number of games, so it sees as many "
+        "task rows as the single-game adapters together",
+    )
     dtype: str = field("float32", help="model dtype for training and play")
 
 

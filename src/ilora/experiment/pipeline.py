@@ -140,7 +140,9 @@ class Experiment:
         routed = weights["eps_kl"] > 0 or weights["eps_norm"] > 0
         others = [g for g in self.cfg.games if g not in task_games] if routed else []
         deps = ["base"] + [f"data/{g}" for g in task_games + others] + (["data/general"] if routed else [])
-        settings = {"train": t, "weights": weights, "task": task_games, "others": others, "steps": steps}
+        # The joint adapter's own step count is in "steps"; the factor behind it concerns no other stage.
+        train_settings = {k: v for k, v in to_dict(t).items() if k != "joint_steps_factor"}
+        settings = {"train": train_settings, "weights": weights, "task": task_games, "others": others, "steps": steps}
 
         def fit(folder: Path):
             import torch
@@ -210,7 +212,8 @@ class Experiment:
         """``(name, task games, loss weights, steps)`` of every adapter."""
         t = self.cfg.train
         routed_weights = {"eps_kl": t.eps_kl, "eps_norm": t.eps_norm}
-        jobs: list[tuple] = [("joint", list(self.cfg.games), PLAIN, int(t.max_steps * t.joint_steps_factor))]
+        factor = len(self.cfg.games) if t.joint_steps_factor is None else t.joint_steps_factor
+        jobs: list[tuple] = [("joint", list(self.cfg.games), PLAIN, int(t.max_steps * factor))]
         for game in self.cfg.games:
             jobs += [(f"plain/{game}", [game], PLAIN, None), (f"routed/{game}", [game], routed_weights, None)]
         for variant, weights in self.cfg.ablations.variants.items():
