@@ -31,7 +31,8 @@ def test_report_has_every_table_and_figure(quick_run):
     text = report.read_text()
     for heading in ["## 1. Single-task", "## 2. Routing-tuned", "### Damage to the other games", "## 3. General",
                     "## 4. Retention", "### Offline agreement", "## 5. Iterative", "## 6. LoRA activation norms",
-                    "## 7. Keep-ratio sweep", "Loss ablations", "## Do the models read the images?"]:
+                    "## 7. Keep-ratio sweep", "Loss ablations", "## Do the models read the images?",
+                    "the best per game"]:
         assert heading in text, heading
     folder = report.parent
     for png in ["retention.png", "keep_sweep.png", "heatmap-plain.png", "heatmap-routed.png"]:
