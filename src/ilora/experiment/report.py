@@ -103,14 +103,13 @@ def retention_row(res: Results, label: str, model: str | Callable[[str], str], g
     return [label, *cells, fmt(float(np.mean(finite)) if finite else math.nan)]
 
 
-def best_per_game(res: Results, models: list[str], labels: list[str], game: str) -> str:
-    """The label(s) of the model(s) with the highest retention on ``game`` (to 2 decimals)."""
-    values = {label: round(res.retention(m, game)[0], 2) for m, label in zip(models, labels)}
-    finite = {k: v for k, v in values.items() if math.isfinite(v)}
-    if not finite:
+def best_per_game(labels: list[str], values: list[float]) -> str:
+    """The label(s) with the highest value (to 2 decimals), e.g. ``"ilora, joint (1.00)"``."""
+    rounded = {label: round(v, 2) for label, v in zip(labels, values) if math.isfinite(v)}
+    if not rounded:
         return "n/a"
-    top = max(finite.values())
-    return ", ".join(k for k, v in finite.items() if v == top) + f" ({top:.2f})"
+    top = max(rounded.values())
+    return ", ".join(k for k, v in rounded.items() if v == top) + f" ({top:.2f})"
 
 
 def own_adapter(kind: str) -> Callable[[str], str]:
@@ -219,15 +218,14 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     rows_table4 = rows
     ranking = sorted(((float(r[-1]) if r[-1] not in ("n/a", "") else -math.inf), r[0]) for r in rows[:-1])
     best = ranking[-1][1] if ranking and math.isfinite(ranking[-1][0]) else "n/a"
+    labels = [r[0] for r in rows[:-1]]
+    point = {g: [res.retention(m, g)[0] for m in [*merge_models, "joint"]] for g in games}
     md += ["## 4. Retention after merging all games (paper Table 4)", "",
            table(["method", *games, "mean"], rows), "",
            f"Best mean retention: **{best}**" + ("" if best in ("ilora", "n/a") else " (I-LoRA is not the best here)") + ". "
            "A mean over games can hide a loss on one game; the best per game (point estimates, ties listed): "
-           + "; ".join(f"{g}: {best_per_game(res, merge_models + ['joint'], [r[0] for r in rows[:-1]], g)}" for g in games)
-           + ".", ""]
-    plot_bars(folder / "retention.png", [r[0] for r in rows[:-1]],
-              {g: [res.retention(m, g)[0] for m in [*merge_models, "joint"]] for g in games},
-              "retention", "Retention after merging (1 = single-task score)")
+           + "; ".join(f"{g}: {best_per_game(labels, point[g])}" for g in games) + ".", ""]
+    plot_bars(folder / "retention.png", labels, point, "retention", "Retention after merging (1 = single-task score)")
     md += ["![retention](retention.png)", "", "Paper, for reference (other games, a 7B model):", "",
            table(["", *PAPER_RETENTION["I-LoRA (paper)"]],
                  [[k, *[f"{v:.3f}" for v in d.values()]] for k, d in PAPER_RETENTION.items()]), ""]
