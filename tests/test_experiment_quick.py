@@ -101,3 +101,24 @@ def test_routed_and_joint_adapters_see_as_many_task_rows_as_plain_ones(quick_run
         assert routed["steps"] > plain["steps"]
         assert routed["steps"] * batch * task_share >= plain["steps"] * batch
         assert (routed["steps"] - 1) * batch * task_share < plain["steps"] * batch  # and no more than that
+
+
+def test_references_and_own_game_cells_play_own_game_episodes(quick_run):
+    """The bar and every retention's denominator rest on these cells, so they get more episodes."""
+    config, run_dir, _ = quick_run
+    e = config.eval
+    assert e.own_game_episodes > e.episodes
+
+    def result(stage: str) -> dict:
+        return json.loads((run_dir / stage / "stage.json").read_text())["result"]
+
+    for game in config.games:
+        ref = result(f"eval/reference/{game}")
+        assert ref["random"]["episodes"] == ref["expert"]["episodes"] == e.own_game_episodes
+        for kind in ("plain", "routed"):
+            plays = result(f"eval/{kind}/{game}")["play"]
+            assert {g: p["episodes"] for g, p in plays.items()} == {
+                g: e.own_game_episodes if g == game else e.episodes for g in config.games
+            }
+        assert result(f"eval/routed/{game}")["blank"][game]["episodes"] == e.own_game_episodes
+    assert all(p["episodes"] == e.episodes for p in result("eval/merge/ilora")["play"].values())

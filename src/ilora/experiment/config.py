@@ -86,6 +86,11 @@ class EvalSettings:
     """Playing and scoring."""
 
     episodes: int = field(4, help="episodes per (model, game)")
+    own_game_episodes: int | None = field(
+        None,
+        help="episodes of the random and expert references and of each single-game adapter (plain, routed) on its own "
+        "game: the bar and every retention's denominator rest on these (None: episodes)",
+    )
     n_envs: int = field(4, help="environments played side by side")
     max_frames: int = field(6000, help="episode cap in emulator frames (the paper: 108,000 = 30 min)")
     fire_on_reset: bool = field(True, help="FireReset: press FIRE after a reset / lost life (reported with every score)")

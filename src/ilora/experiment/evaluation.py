@@ -18,8 +18,16 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def play(policy, game: str, e: EvalSettings, seed: int, folder: Path, tag: str, blank: bool = False, video: bool = False) -> dict:
-    """Play ``e.episodes`` of ``game``; save the result JSON (and a GIF); return the summary."""
+def own_episodes(e: EvalSettings) -> int:
+    """Episodes of the references and of a single-game adapter on its own game."""
+    return e.own_game_episodes or e.episodes
+
+
+def play(
+    policy, game: str, e: EvalSettings, seed: int, folder: Path, tag: str, blank: bool = False, video: bool = False,
+    episodes: int | None = None,
+) -> dict:
+    """Play ``episodes`` (default ``e.episodes``) of ``game``; save the result JSON (and a GIF); return the summary."""
     from ilora.atari.evaluate import play_episodes, save_result, summarize
 
     recorder = None
@@ -27,12 +35,13 @@ def play(policy, game: str, e: EvalSettings, seed: int, folder: Path, tag: str, 
         from ilora.atari.video import EpisodeRecorder
 
         recorder = EpisodeRecorder(episode=0, max_steps=VIDEO_STEPS)
+    episodes = episodes or e.episodes
     result = play_episodes(
         policy,
         game,
-        e.episodes,
+        episodes,
         seed + PLAY_SEED_OFFSET,
-        n_envs=min(e.n_envs, e.episodes),
+        n_envs=min(e.n_envs, episodes),
         max_frames=e.max_frames,
         fire_on_reset=e.fire_on_reset,
         blank_frames=blank,
@@ -58,9 +67,10 @@ def evaluate_reference(game: str, e: EvalSettings, seed: int, folder: Path) -> d
     from ilora.atari.games import get_game
 
     names = get_game(game).action_names
+    n = own_episodes(e)
     return {
-        "random": play(RandomPolicy(names, seed), game, e, seed, folder, "random"),
-        "expert": play(get_expert(game), game, e, seed, folder, "expert"),
+        "random": play(RandomPolicy(names, seed), game, e, seed, folder, "random", episodes=n),
+        "expert": play(get_expert(game), game, e, seed, folder, "expert", episodes=n),
     }
 
 
@@ -88,9 +98,13 @@ def evaluate_model(
     folder: Path,
     heldout: dict[str, Any],
     general,
-    blank_game: str | None = None,
+    own_game: str | None = None,
+    blank_check: bool = False,
 ) -> dict:
     """Play ``games`` with one model, score the general benchmark and offline agreement.
+
+    ``own_game`` (a single-game adapter's game) is played ``own_episodes(e)`` times; with
+    ``blank_check`` also with blanked frames, and its first episode is saved as a GIF.
 
     Returns:
         ``{"play": {game: summary}, "blank": {game: summary}, "agreement": {game: ...},
@@ -106,9 +120,11 @@ def evaluate_model(
     out: dict[str, Any] = {"play": {}, "blank": {}, "agreement": {}}
     for game in games:
         agent = VLMAgent(model, processor, game, mode=mode, object_text=cfg.data.object_text)
-        out["play"][game] = play(agent, game, e, cfg.seed, folder, game, video=blank_game == game)
-        if blank_game == game:
-            out["blank"][game] = play(agent, game, e, cfg.seed, folder, f"{game}-blank", blank=True)
+        own = game == own_game
+        episodes = own_episodes(e) if own else e.episodes
+        out["play"][game] = play(agent, game, e, cfg.seed, folder, game, video=own and blank_check, episodes=episodes)
+        if own and blank_check:
+            out["blank"][game] = play(agent, game, e, cfg.seed, folder, f"{game}-blank", blank=True, episodes=episodes)
         out["agreement"][game] = action_agreement(model, processor, heldout[game], e.agreement_rows, cfg.data.reasoning)
     scores = score_general(lambda batch: generate_answers(model, processor, batch), general)
     out["general"] = scores["overall"]

@@ -267,13 +267,20 @@ class Experiment:
                 plan[name] = games
         return plan
 
+    def eval_settings(self, own_game: bool) -> dict:
+        """The play settings an evaluation stage depends on (own-game episodes only where played)."""
+        settings = to_dict(self.cfg.eval)
+        if not own_game or self.cfg.eval.own_game_episodes is None:
+            settings.pop("own_game_episodes")
+        return settings
+
     def evaluate_reference(self, game: str) -> None:
         from ilora.experiment.evaluation import evaluate_reference
 
         e = self.cfg.eval
         self.stage(
             f"eval/reference/{game}",
-            {"eval": e, "seed": self.cfg.seed, "game": game},
+            {"eval": self.eval_settings(own_game=True), "seed": self.cfg.seed, "game": game},
             lambda folder: evaluate_reference(game, e, self.cfg.seed, folder),
         )
 
@@ -285,6 +292,7 @@ class Experiment:
             self.register_models()
         e = self.cfg.eval
         spec = self.models.get(name, ModelSpec())
+        own_game = name.split("/")[1] if name.startswith(("plain/", "routed/")) else None
         blank = e.blank_check and name.startswith("routed/")
         deps = ["base"] + ([self.stage_of(name)] if name in self.models else [])
         deps += [f"data/{g}" for g in games] + ["data/general"]
@@ -299,10 +307,12 @@ class Experiment:
                 folder,
                 heldout={g: self.load_rows(f"data/{g}", "heldout") for g in games},
                 general=self.load_rows("data/general", "test"),
-                blank_game=name.split("/")[1] if blank else None,
+                own_game=own_game,
+                blank_check=blank,
             )
 
-        self.stage(f"eval/{name}", {"eval": e, "games": games, "blank": blank, "seed": self.cfg.seed}, run, deps)
+        settings = {"eval": self.eval_settings(own_game is not None), "games": games, "blank": blank, "seed": self.cfg.seed}
+        self.stage(f"eval/{name}", settings, run, deps)
 
     def run_eval(self) -> None:
         self.parallel("evaluate_reference", [(g,) for g in self.cfg.games])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ PAPER_RETENTION = {
     "joint fine-tuning (paper)": {"ChopperCommand": 0.693, "Asterix": 0.162, "BattleZone": 0.828, "CrazyClimber": 0.454},
 }
 BOOTSTRAP = 2000
+BAR_GAP = 0.5  # share of the random-to-expert gap an agent must close for its game's retention to count
 
 
 def ratio_ci(model: list[float], single: list[float], random: float, seed: int = 0) -> tuple[float, float, float]:
@@ -90,26 +91,57 @@ class Results:
         p, r, e = self.play(model, game), self.reference(game, "random")["mean"], self.reference(game, "expert")["mean"]
         return math.nan if p is None or e <= r else (p["mean"] - r) / (e - r)
 
+    def bar_failures(self, game: str) -> list[str]:
+        """Why ``game``'s retention means nothing (empty when it meets the bar).
 
-def retention_row(res: Results, label: str, model: str | Callable[[str], str], games: list[str]) -> list[str]:
-    """``[label, "r [lo, hi]" per game, mean]``; ``model`` is one model or a function of the game."""
+        The bar: the single-task and the routed agent each close at least half of the
+        random-to-expert gap, with the 95% CI of their score above random's mean score.
+        """
+        random = self.reference(game, "random")["mean"]
+        why = []
+        for kind in ("plain", "routed"):
+            model = f"{kind}/{game}"
+            p, gap = self.play(model, game), self.gap_closed(model, game)
+            if p is None:
+                why.append(f"{kind}: not played")
+                continue
+            if not gap >= BAR_GAP:
+                why.append(f"{kind} closes {fmt(gap)} of the gap")
+            if not p["ci_low"] > random:
+                why.append(f"{kind} CI low {p['ci_low']:.1f} <= random {random:.1f}")
+        return why
+
+
+def retention_row(
+    res: Results, label: str, model: str | Callable[[str], str], games: list[str], mean_over: Collection[str]
+) -> list[str]:
+    """``[label, "r [lo, hi]" per game, mean over the games of mean_over]``; ``model`` is one
+    model or a function of the game."""
     model_for = model if callable(model) else (lambda g: model)
     cells, values = [], []
     for g in games:
         v, lo, hi = res.retention(model_for(g), g)
-        values.append(v)
+        if g in mean_over:
+            values.append(v)
         cells.append(f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]")
     finite = [v for v in values if not math.isnan(v)]
     return [label, *cells, fmt(float(np.mean(finite)) if finite else math.nan)]
 
 
-def best_per_game(labels: list[str], values: list[float]) -> str:
-    """The label(s) with the highest value (to 2 decimals), e.g. ``"ilora, joint (1.00)"``."""
+def best_labels(labels: list[str], values: list[float]) -> tuple[list[str], float]:
+    """The label(s) with the highest value to 2 decimals (ties all listed) and that value;
+    ``([], nan)`` when no value is finite."""
     rounded = {label: round(v, 2) for label, v in zip(labels, values) if math.isfinite(v)}
     if not rounded:
-        return "n/a"
+        return [], math.nan
     top = max(rounded.values())
-    return ", ".join(k for k, v in rounded.items() if v == top) + f" ({top:.2f})"
+    return [k for k, v in rounded.items() if v == top], top
+
+
+def best_per_game(labels: list[str], values: list[float]) -> str:
+    """The label(s) with the highest value (to 2 decimals), e.g. ``"ilora, joint (1.00)"``."""
+    top_labels, top = best_labels(labels, values)
+    return ", ".join(top_labels) + f" ({top:.2f})" if top_labels else "n/a"
 
 
 def own_adapter(kind: str) -> Callable[[str], str]:
@@ -160,7 +192,10 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     md.append(
         f"Games: {', '.join(games)}. Base: `{cfg.base}`. Object-state text in the prompt: **{cfg.data.object_text}**; "
         f"answers: {'reasoning + action' if cfg.data.reasoning else 'direct action'}. "
-        f"Play: {cfg.eval.episodes} episodes per cell, capped at {cfg.eval.max_frames} emulator frames, "
+        f"Play: {cfg.eval.episodes} episodes per cell"
+        + (f" ({cfg.eval.own_game_episodes} for the random and expert references and for each single-game adapter on its "
+           "own game)" if cfg.eval.own_game_episodes else "")
+        + f", capped at {cfg.eval.max_frames} emulator frames, "
         f"sticky actions 0.25, FireReset {'on' if cfg.eval.fire_on_reset else 'off'}. "
         "Scores are means with 95% t-intervals over episodes; retention is random-baselined "
         "`(model - random) / (single-task - random)` with a bootstrap 95% CI (see `ilora.experiment.report`)."
@@ -168,21 +203,30 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     md.append("")
 
     # Table 1: single-task agents.
+    failures = {g: res.bar_failures(g) for g in games}
+    scored = [g for g in games if not failures[g]]
     rows = []
     for g in games:
         rnd, exp = res.reference(g, "random"), res.reference(g, "expert")
         rows.append(
             [g, score_cell(rnd), score_cell(exp), score_cell(res.play("base", g)), score_cell(res.play(f"plain/{g}", g)),
              fmt(res.play(f"plain/{g}", g)["hns"] if res.play(f"plain/{g}", g) else None),
-             fmt(res.gap_closed(f"plain/{g}", g)), score_cell(res.play(f"routed/{g}", g)), fmt(res.gap_closed(f"routed/{g}", g))]
+             fmt(res.gap_closed(f"plain/{g}", g)), score_cell(res.play(f"routed/{g}", g)), fmt(res.gap_closed(f"routed/{g}", g)),
+             "yes" if not failures[g] else "no"]
         )
     md += ["## 1. Single-task agents (paper Table 1)", "",
-           table(["game", "random", "expert", "base", "single-task LoRA", "HNS", "gap closed", "routed LoRA", "gap closed"], rows),
-           "", "`gap closed` = (agent - random) / (expert - random); the bar for a meaningful retention is 0.5.", ""]
+           table(["game", "random", "expert", "base", "single-task LoRA", "HNS", "gap closed", "routed LoRA", "gap closed",
+                  "meets the bar"], rows),
+           "", f"`gap closed` = (agent - random) / (expert - random). The bar for a meaningful retention: the single-task "
+           f"and the routed agent each close at least {BAR_GAP:g} of the gap, with the 95% CI of their score above "
+           "random's mean. Every mean retention below is over the games that meet it"
+           + (f": {', '.join(scored)}." if scored else "; none does, so every mean is n/a.")
+           + "".join(f" {g} does not ({'; '.join(failures[g])}): its retention is shown, and means nothing."
+                     for g in games if failures[g]), ""]
 
     # Table 2: routed vs single-task.
     md += ["## 2. Routing-tuned vs single-task (paper Table 2)", "",
-           table(["", *games, "mean"], [retention_row(res, "routed / single-task", own_adapter("routed"), games)]), ""]
+           table(["", *games, "mean"], [retention_row(res, "routed / single-task", own_adapter("routed"), games, scored)]), ""]
 
     # Forgetting: each single-game adapter played on the other games.
     rows = []
@@ -212,17 +256,18 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
 
     # Table 4: merges.
     merge_models = [f"merge/{m}" for m in cfg.merge.methods]
-    rows = [retention_row(res, m.removeprefix("merge/"), m, games) for m in merge_models]
-    rows.append(retention_row(res, "joint multi-task LoRA", "joint", games))
-    rows.append(retention_row(res, "routed single-game adapters", own_adapter("routed"), games))
+    rows = [retention_row(res, m.removeprefix("merge/"), m, games, scored) for m in merge_models]
+    rows.append(retention_row(res, "joint multi-task LoRA", "joint", games, scored))
+    rows.append(retention_row(res, "routed single-game adapters", own_adapter("routed"), games, scored))
     rows_table4 = rows
-    ranking = sorted(((float(r[-1]) if r[-1] not in ("n/a", "") else -math.inf), r[0]) for r in rows[:-1])
-    best = ranking[-1][1] if ranking and math.isfinite(ranking[-1][0]) else "n/a"
     labels = [r[0] for r in rows[:-1]]
+    best, _ = best_labels(labels, [float(r[-1]) if r[-1] not in ("n/a", "") else math.nan for r in rows[:-1]])
     point = {g: [res.retention(m, g)[0] for m in [*merge_models, "joint"]] for g in games}
     md += ["## 4. Retention after merging all games (paper Table 4)", "",
            table(["method", *games, "mean"], rows), "",
-           f"Best mean retention: **{best}**" + ("" if best in ("ilora", "n/a") else " (I-LoRA is not the best here)") + ". "
+           f"Best mean retention: **{', '.join(best) or 'n/a'}**"
+           + ("" if not best or best == ["ilora"] else " (I-LoRA is not the best here)" if "ilora" not in best else " (a tie)")
+           + ". "
            "A mean over games can hide a loss on one game; the best per game (point estimates, ties listed): "
            + "; ".join(f"{g}: {best_per_game(labels, point[g])}" for g in games) + ".", ""]
     plot_bars(folder / "retention.png", labels, point, "retention", "Retention after merging (1 = single-task score)")
@@ -242,7 +287,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
         for order in orders:
             tag = "-".join(order)
             for k in range(2, len(order) + 1):
-                row = retention_row(res, f"{tag} after {k}", f"iter/{tag}/{k}", order[:k])
+                row = retention_row(res, f"{tag} after {k}", f"iter/{tag}/{k}", order[:k], scored)
                 rows.append(row[:-1] + [""] * (len(games) - k) + row[-1:])
         md += ["## 5. Iterative I-LoRA merging (paper Table 5)", "",
                "Each row merges the next game's routed adapter into the saved merged state; retention on the games merged so far.", "",
@@ -316,7 +361,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     md += [f"Compute: {seconds / 60:.1f} min summed over the stages' own run times (first computation of each).", ""]
     (folder / "REPORT.md").write_text("\n".join(md))
     summary_rows = rows_table4
-    summary = {"games": games, "retention": {r[0]: r[1:] for r in summary_rows}, "best": best}
+    summary = {"games": games, "bar_games": scored, "retention": {r[0]: r[1:] for r in summary_rows}, "best": best}
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     print(table(["method", *games, "mean"], summary_rows))
     return summary
