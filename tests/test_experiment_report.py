@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from ilora.experiment.config import ExperimentConfig
-from ilora.experiment.report import Results, best_labels, best_per_game, retention_row
+from ilora.experiment.report import Results, best_labels, best_per_game, retention_row, score_change
 
 
 def summary(scores: list[float], ci_low: float) -> dict:
@@ -76,3 +76,10 @@ def test_best_labels_lists_ties_and_skips_nan():
     assert labels == [] and math.isnan(top)
     assert best_per_game(["a", "b"], [0.1, 0.7]) == "b (0.70)"
     assert best_per_game(["a"], [math.nan]) == "n/a"
+
+
+def test_score_change_is_against_the_base_model():
+    plays = {**PLAYS, "base": {"Good": summary([1, 1, 1], 1)}}
+    res = fake_results(plays, REFERENCES)
+    assert score_change(res, "merge/x", "Good") == "+4.0"
+    assert score_change(res, "merge/x", "Noisy") == "n/a"  # the base never played it

@@ -144,6 +144,12 @@ def best_per_game(labels: list[str], values: list[float]) -> str:
     return ", ".join(top_labels) + f" ({top:.2f})" if top_labels else "n/a"
 
 
+def score_change(res: Results, model: str, game: str) -> str:
+    """``model``'s mean score on ``game`` minus the base model's, e.g. ``"-7.0"`` (``n/a`` if unplayed)."""
+    played, base = res.play(model, game), res.play("base", game)
+    return "n/a" if played is None or base is None else f"{played['mean'] - base['mean']:+.1f}"
+
+
 def own_adapter(kind: str) -> Callable[[str], str]:
     """Each game's own single-game adapter of ``kind`` (``plain``, ``routed``)."""
     return lambda game: f"{kind}/{game}"
@@ -232,13 +238,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     rows = []
     for kind in ("plain", "routed"):
         for g in games:
-            cells = []
-            for other in games:
-                if other == g:
-                    cells.append("—")
-                    continue
-                adapter, base = res.play(f"{kind}/{g}", other), res.play("base", other)
-                cells.append("n/a" if adapter is None or base is None else f"{adapter['mean'] - base['mean']:+.1f}")
+            cells = ["—" if other == g else score_change(res, f"{kind}/{g}", other) for other in games]
             rows.append([f"{kind}/{g}", *cells])
     md += ["### Damage to the other games", "",
            "Mean score of a one-game adapter on each other game minus the base model's score there "
@@ -330,12 +330,11 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     for v, (kl, nm) in variants.items():
         prefix = {"plain": "plain", "routed": "routed"}.get(v, f"ablation/{v}")
         own = [fmt(res.gap_closed(f"{prefix}/{g}", g)) for g in pair]
-        cross = [fmt(res.retention(f"{prefix}/{pair[0]}", pair[1], single="base")[0]),
-                 fmt(res.retention(f"{prefix}/{pair[1]}", pair[0], single="base")[0])]
+        cross = [score_change(res, f"{prefix}/{pair[0]}", pair[1]), score_change(res, f"{prefix}/{pair[1]}", pair[0])]
         merged = [fmt(res.retention(f"ablation-merge/{v}", g)[0]) for g in pair]
         rows.append([v, f"{kl:g}", f"{nm:g}", *own, *cross, *merged])
     md += [f"Loss ablations on {pair[0]} + {pair[1]}: own-game gap closed, damage to the other game "
-           "(1 = none), and retention after the I-LoRA merge of the pair.", "",
+           "(mean score change vs the base model; 0 = none), and retention after the I-LoRA merge of the pair.", "",
            table(["variant", "eps_kl", "eps_norm", *[f"gap {g}" for g in pair],
                   f"{pair[0]} adapter on {pair[1]}", f"{pair[1]} adapter on {pair[0]}", *[f"merged: {g}" for g in pair]], rows), ""]
 
