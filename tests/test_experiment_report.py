@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from ilora.experiment.config import ExperimentConfig
+from ilora.experiment.config import AblationSettings, ExperimentConfig
 from ilora.experiment.report import Results, best_labels, best_per_game, retention_row, score_change
 
 
@@ -25,7 +27,7 @@ def fake_results(plays: dict[str, dict[str, dict]], references: dict[str, dict])
             raise KeyError(name)
         return stages[name]
 
-    cfg = ExperimentConfig(games=list(references))
+    cfg = ExperimentConfig(games=list(references), ablations=AblationSettings(variants={}))
     return Results(SimpleNamespace(cfg=cfg, runner=SimpleNamespace(result=result)))
 
 
@@ -83,3 +85,25 @@ def test_score_change_is_against_the_base_model():
     res = fake_results(plays, REFERENCES)
     assert score_change(res, "merge/x", "Good") == "+4.0"
     assert score_change(res, "merge/x", "Noisy") == "n/a"  # the base never played it
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.episodes=0", "eval: episodes = 0: must be >= 1"),
+        ("eval.own_game_episodes=0", "own_game_episodes = 0: must be >= 1"),
+        ("games=[Pong, Pong]", "each once"),
+        ("ablations.games=[Pong, Pong]", "a pair of two of games"),
+        ("ablations.games=[Pong, Skiing]", "a pair of two of games"),
+        ("merge.orders=[[Pong, Pong]]", "is not an order of games"),
+        ("train.max_steps=0", "must be >= 1"),
+    ],
+)
+def test_experiment_config_refuses_what_no_stage_could_run(override, message):
+    from ilora.config import load_yaml
+    from ilora.errors import IloraError
+
+    quick = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
+    with pytest.raises(IloraError, match=re.escape(message)) as err:
+        load_yaml(ExperimentConfig, quick, [override])
+    assert str(quick) in str(err.value)

@@ -60,7 +60,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
     if unknown:
         raise IloraError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except IloraError as err:  # a dataclass's own checks: say which file
+        raise IloraError(f"{where}: {err}") from err
 
 
 def to_dict(obj: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ilora.config import field
+from ilora.errors import IloraError
 
 DEFAULT_GAMES = ["Pong", "Breakout", "Freeway", "Boxing"]
 
@@ -98,6 +99,13 @@ class EvalSettings:
     agreement_rows: int = field(200, help="held-out expert rows per game for offline action agreement")
     activation_rows: int = field(64, help="rows per data type for the LoRA activation-norm analysis")
 
+    def __post_init__(self) -> None:
+        for name in ("episodes", "n_envs", "max_frames", "agreement_rows", "activation_rows"):
+            if getattr(self, name) < 1:
+                raise IloraError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.own_game_episodes is not None and self.own_game_episodes < 1:
+            raise IloraError(f"own_game_episodes = {self.own_game_episodes}: must be >= 1 (or null: the episodes value)")
+
 
 @dataclasses.dataclass
 class ExperimentConfig:
@@ -115,3 +123,17 @@ class ExperimentConfig:
     ablations: AblationSettings = field(default_factory=AblationSettings, help="loss ablations / ε sweep")
     merge: MergeSettings = field(default_factory=MergeSettings, help="merges")
     eval: EvalSettings = field(default_factory=EvalSettings, help="play and scoring")
+
+    def __post_init__(self) -> None:
+        """Refuse game lists the stages could not honour (each message names the key)."""
+        games = list(self.games)
+        if not games or len(set(games)) != len(games):
+            raise IloraError(f"games = {games}: need at least one game, each once")
+        ablation = list(self.ablations.games)
+        if self.ablations.variants and (len(ablation) != 2 or len(set(ablation)) != 2 or not set(ablation) <= set(games)):
+            raise IloraError(f"ablations.games = {ablation}: the ablations train and merge a pair of two of games {games}")
+        for order in self.merge.orders:
+            if sorted(order) != sorted(games):
+                raise IloraError(f"merge.orders: {list(order)} is not an order of games {games}")
+        if self.train.max_steps < 1 or self.train.batch_size < 1:
+            raise IloraError(f"train.max_steps = {self.train.max_steps}, train.batch_size = {self.train.batch_size}: both must be >= 1")
