@@ -1,4 +1,4 @@
-"""File helpers: atomic folder writes (a folder appears complete or not at all), content hashes."""
+"""File helpers: atomic writes (a folder or file appears complete or not at all), content hashes."""
 
 from __future__ import annotations
 
@@ -42,6 +42,14 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a hidden temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -36,7 +36,7 @@ from ilora.atari.prompts import build_answer, build_context, build_step_prompt
 from ilora.atari.ram import object_text as ram_object_text
 from ilora.config import field, to_dict
 from ilora.errors import IloraError
-from ilora.fileio import atomic_dir
+from ilora.fileio import atomic_dir, atomic_write_text
 
 # Version of the rows' text layout; bumped whenever prompts or their order change, so cached
 # datasets (e.g. the experiment's data stage) are rebuilt. 2: rules/actions in ``context``.
@@ -272,9 +272,7 @@ def collect_dataset(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def collect_to_disk(config: CollectConfig, out: str | Path, policy: Policy | None = None, progress: bool = True) -> dict:

@@ -44,11 +44,10 @@ class ILoRAMerge(MergeMethod):
         taus = []
         for delta in deltas:
             if isinstance(delta, LowRankDelta):
-                u, s, vh = ops.factorized_svd(delta.lora_B, delta.lora_A, delta.scale)
-                p = min(ops.kept_count(delta.rank, self.keep), len(s))
-                taus.append(float(s[p - 1]))
-                candidates.append((u[:, :p] * s[:p], vh[:p]))
-                records.append({"kind": "lora", "rank": delta.rank, "kept": p, "tau": taus[-1]})
+                pair, tau = ops.truncated_lora(delta.lora_B, delta.lora_A, delta.scale, self.keep)
+                taus.append(tau)
+                candidates.append(pair)
+                records.append({"kind": "lora", "rank": delta.rank, "kept": pair[1].shape[0], "tau": tau})
             else:
                 candidates.append(None)  # truncated below, once the new adapters' τ is known
                 records.append(None if delta is None else {"kind": "merged"})

@@ -97,6 +97,26 @@ def kept_count(rank: int, keep: float) -> int:
     return max(1, min(rank, math.ceil(round(keep * rank, 9))))
 
 
+def truncated_lora(
+    lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float, keep: float
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """A single adapter's truncation (SPEC §2.1-2.2): its top ``ceil(keep·r)`` singular triplets.
+
+    Args:
+        lora_B: ``out x r`` factor.
+        lora_A: ``r x in`` factor.
+        scale: the LoRA scaling.
+        keep: fraction of the rank kept, in ``(0, 1]``.
+
+    Returns:
+        ``((U_p · S_p, Vh_p), τ)``: the truncated delta as a factor pair (``out x p``, ``p x in``)
+        and ``τ``, the smallest kept singular value.
+    """
+    u, s, vh = factorized_svd(lora_B, lora_A, scale)
+    p = min(kept_count(lora_A.shape[0], keep), len(s))
+    return (u[:, :p] * s[:p], vh[:p]), float(s[p - 1])
+
+
 def low_rank_product(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
     """``U diag(S) Vh`` as a dense matrix (``out x in``), for truncated triplets."""
     return (u * s) @ vh

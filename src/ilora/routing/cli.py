@@ -1,8 +1,9 @@
-"""``ilora train`` (routing tuning from a YAML config) and ``ilora analyze activations``."""
+"""``ilora train`` (routing tuning from a YAML config), ``ilora analyze activations`` and ``ilora analyze merge``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ilora.errors import IloraError
@@ -56,6 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     act.add_argument("--dtype", default="float32")
     act.add_argument("--device", default="cpu")
     act.set_defaults(func=run_analyze_activations)
+    interference = sub.add_parser(
+        "merge",
+        help="how much an I-LoRA max-magnitude merge changes each adapter's delta",
+        description="Per adapter: its truncated delta's norm, the share of merged entries taken from it and "
+        "|merged - delta| / |delta|; then the adapters' pairwise cosines (all modules together).",
+    )
+    interference.add_argument("adapters", nargs="+", help="two or more PEFT LoRA adapter folders")
+    interference.add_argument("--keep", type=float, default=0.8, help="I-LoRA keep ratio (default 0.8)")
+    interference.add_argument("--json", type=Path, help="also write the numbers here")
+    interference.set_defaults(func=run_analyze_merge)
 
 
 def _describe_train_config(describe) -> str:
@@ -101,4 +112,17 @@ def run_analyze_activations(args: argparse.Namespace) -> int:
     )
     print(format_table(table["data"]))
     print(f"heatmap of {table['heatmap_layer']} -> {Path(args.out) / 'heatmap.png'}")
+    return 0
+
+
+def run_analyze_merge(args: argparse.Namespace) -> int:
+    from ilora.fileio import atomic_write_text
+    from ilora.merge.interference import format_interference, interference_stats, truncated_deltas
+
+    if len(args.adapters) < 2:
+        raise IloraError(f"analyze merge needs at least two adapters, got {len(args.adapters)}")
+    stats = interference_stats([truncated_deltas(a, args.keep) for a in args.adapters])
+    print(format_interference(args.adapters, stats))
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"adapters": args.adapters, "keep": args.keep, **stats}, indent=1))
     return 0
