@@ -44,6 +44,7 @@ def test_share_counts_the_entries_the_merge_takes():
     taken = [int((merged == d["m"]).sum()) for d in deltas]  # random floats: no ties
     assert stats["share"] == pytest.approx([t / merged.numel() for t in taken])
     assert sum(stats["share"]) == pytest.approx(1.0)
+    assert stats["change"] == pytest.approx([float((merged - d["m"]).norm() / d["m"].norm()) for d in deltas])
 
 
 def test_bad_inputs_are_refused():

@@ -47,12 +47,13 @@ def interference_stats(deltas: Sequence[dict[str, torch.Tensor]]) -> dict:
         stack = torch.stack([d[m].float() for d in deltas])
         flat = stack.flatten(1).double()
         dots += flat @ flat.T
-        merged = ops.max_magnitude(list(stack))
-        dist += (stack - merged).flatten(1).double().pow(2).sum(1)
-        # The last index of the largest magnitude: the later adapter wins ties.
+        # Which adapter each merged entry comes from: the last index of the largest magnitude
+        # (the later adapter wins ties, as in ops.max_magnitude), and the merge is that pick.
         owner = n - 1 - stack.abs().flip(0).argmax(0)
+        merged = stack.gather(0, owner.unsqueeze(0))
+        dist += (stack - merged).flatten(1).double().pow(2).sum(1)
         taken += torch.bincount(owner.flatten(), minlength=n).double()
-        total += merged.numel()
+        total += owner.numel()
     norm = dots.diagonal().sqrt()
     safe = norm.clamp_min(1e-30)
     return {
