@@ -51,3 +51,17 @@ def test_failed_stage_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert runner.run("e", {}, lambda f: 7) == tmp_path / "e"
     assert runner.result("e") == 7
+
+
+def test_config_hash_counts_dataclasses_by_their_fields():
+    import dataclasses
+
+    from ilora.experiment.stages import config_hash
+
+    @dataclasses.dataclass
+    class Settings:
+        episodes: int = 3
+        hidden: int = dataclasses.field(default=1, repr=False)
+
+    assert config_hash({"eval": Settings()}) == config_hash({"eval": {"episodes": 3, "hidden": 1}})
+    assert config_hash({"eval": Settings(hidden=2)}) != config_hash({"eval": Settings()})

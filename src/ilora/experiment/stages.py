@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ilora.config import to_dict
 from ilora.fileio import atomic_dir
 
 RECORD = "stage.json"
 
 
 def config_hash(obj: Any) -> str:
-    """A stable hash of JSON-able data (dataclasses converted by the caller)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    """A stable hash of JSON-able data; dataclasses anywhere inside count by their fields
+    (not by their repr, which would drop ``repr=False`` fields and change with formatting)."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
