@@ -144,6 +144,13 @@ def best_per_game(labels: list[str], values: list[float]) -> str:
     return ", ".join(top_labels) + f" ({top:.2f})" if top_labels else "n/a"
 
 
+def ilora_remark(best: list[str]) -> str:
+    """What the best-mean line adds about I-LoRA: nothing when it wins alone (or nothing won)."""
+    if not best or best == ["ilora"]:
+        return ""
+    return " (a tie)" if "ilora" in best else " (I-LoRA is not the best here)"
+
+
 def score_change(res: Results, model: str, game: str) -> str:
     """``model``'s mean score on ``game`` minus the base model's, e.g. ``"-7.0"`` (``n/a`` if unplayed)."""
     played, base = res.play(model, game), res.play("base", game)
@@ -265,9 +272,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     point = {g: [res.retention(m, g)[0] for m in [*merge_models, "joint"]] for g in games}
     md += ["## 4. Retention after merging all games (paper Table 4)", "",
            table(["method", *games, "mean"], rows), "",
-           f"Best mean retention: **{', '.join(best) or 'n/a'}**"
-           + ("" if not best or best == ["ilora"] else " (I-LoRA is not the best here)" if "ilora" not in best else " (a tie)")
-           + ". "
+           f"Best mean retention: **{', '.join(best) or 'n/a'}**{ilora_remark(best)}. "
            "A mean over games can hide a loss on one game; the best per game (point estimates, ties listed): "
            + "; ".join(f"{g}: {best_per_game(labels, point[g])}" for g in games) + ".", ""]
     plot_bars(folder / "retention.png", labels, point, "retention", "Retention after merging (1 = single-task score)")
