@@ -42,6 +42,7 @@ from ilora.atari.prompts import (
 )
 from ilora.atari.ram import READERS, has_object_text, object_text
 from ilora.errors import IloraError
+from ilora.models.cache import cache_argument, cache_layers, expanded_cache, output_cache
 from ilora.models.inputs import (
     chat_text,
     check_images,
@@ -154,10 +155,10 @@ class PromptPrefix:
         # Plain (not inference-mode) tensors: the cache may be used outside inference mode later.
         with torch.inference_mode(False), torch.no_grad():
             out = model(input_ids=torch.tensor([prefix.ids], device=device), use_cache=True, logits_to_keep=1)
-        layers = getattr(out.past_key_values, "layers", None)
-        if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
-            return f"unsupported cache type {type(out.past_key_values).__name__}"
-        prefix.layers = [(layer.keys, layer.values) for layer in layers]
+        layers = cache_layers(output_cache(out))
+        if layers is None:
+            return f"unsupported cache type {type(output_cache(out)).__name__}"
+        prefix.layers = layers
         return prefix
 
     def __len__(self) -> int:
@@ -165,11 +166,7 @@ class PromptPrefix:
 
     def cache(self, batch_size: int):
         """A fresh cache holding the prefix for ``batch_size`` rows (the stored tensors stay untouched)."""
-        from transformers import DynamicCache
-
-        return DynamicCache(
-            ddp_cache_data=[(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
-        )
+        return expanded_cache(self.layers, batch_size)
 
     def _pixel_values(self, images: list) -> torch.Tensor:
         keys = [(img.size, img.mode, img.tobytes()) for img in images]
@@ -255,6 +252,7 @@ class VLMAgent:
         if max_new_tokens < 1:
             raise IloraError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model = model
+        self._cache_arg = cache_argument(model)
         self.processor = processor
         self.mode = mode
         self.reasoning = reasoning
@@ -426,7 +424,7 @@ class VLMAgent:
             attention_mask=mask,
             position_ids=positions[:, -ids.shape[1] :],
             pixel_values=batch.get("pixel_values"),
-            past_key_values=past,
+            **{self._cache_arg: past},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -435,7 +433,7 @@ class VLMAgent:
         scores = first[:, suffix_ids[:, 0]]  # [B, C]
         if suffix_ids.shape[1] == 1:
             return scores
-        cache = out.past_key_values
+        cache = output_cache(out)
         inputs, input_mask = suffix_ids[:, :-1], suffix_mask[:, :-1]  # [C, L]
         targets, target_mask = suffix_ids[:, 1:], suffix_mask[:, 1:]
         steps = torch.arange(1, suffix_ids.shape[1], device=device)
@@ -447,7 +445,7 @@ class VLMAgent:
                 input_ids=inputs.repeat(n_rows, 1),
                 attention_mask=torch.cat([mask.repeat_interleave(n_cands, 0), input_mask.repeat(n_rows, 1)], dim=1),
                 position_ids=positions[:, -1:].repeat_interleave(n_cands, 0) + steps,
-                past_key_values=cache,
+                **{self._cache_arg: cache},
                 use_cache=False,
             )
         else:
@@ -469,7 +467,7 @@ class VLMAgent:
                 input_ids=inputs.flatten().expand(n_rows, -1),
                 attention_mask=allowed,
                 position_ids=positions[:, -1:] + steps.repeat(n_cands),
-                past_key_values=cache,
+                **{self._cache_arg: cache},
                 use_cache=False,
             )
         logp = torch.log_softmax(rest.logits.float(), dim=-1)

@@ -211,15 +211,20 @@ class LoraOutputRecorder:
         attention_mask: torch.Tensor | None,
         rows: torch.Tensor | None = None,
         n_images: torch.Tensor | None = None,
+        keep_previous: bool = False,
     ) -> Iterator[LoraOutputRecorder]:
-        """Record the forwards inside the block; previous records are cleared on entry.
+        """Record the forwards inside the block; previous records are cleared on entry unless
+        ``keep_previous`` (then sums, counts and ``norm_loss`` cover this block and the earlier ones:
+        one batch run in several forwards).
 
         Args:
             attention_mask: ``[B, T]`` of the recorded batch (``None``: count every position).
             rows: bool ``[B]``, the rows to record (``None``: all of them).
             n_images: long ``[B]``, images per row; needed with ``rows`` when the batch has images.
+            keep_previous: add to the previous blocks' records instead of clearing them.
         """
-        self._groups, self.counts, self.outputs = [], {}, {}
+        if not keep_previous:
+            self._groups, self.counts, self.outputs = [], {}, {}
         self._tokens = self._images = None
         if rows is None:
             if attention_mask is not None:

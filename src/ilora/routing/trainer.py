@@ -8,17 +8,20 @@ Per micro-batch (SPEC §1):
   of ``‖lora_B output‖²`` over their positions (image patches included), summed over layers;
 - ``loss = eps_lm·L_lm + eps_kl·L_kl + eps_norm·L_norm``.
 
-A step is one forward of the adapted model over all rows (as plain LoRA does), with the
-forward hook on every ``lora_B`` recording under a per-row mask that covers the general
-rows' tokens and their own images, plus one no-grad forward of the base (adapter disabled)
-on the general rows only. Logits are only computed at target positions
-(``logits_to_keep``); the KL runs in float32 chunks, the norm in low-rank Gram form.
+A step is one forward of the adapted model over the task rows (as plain LoRA does; rows of
+one game run their shared rules-and-actions prefix once, ``routing.prefix``) and one over the
+general rows, with the forward hook on every ``lora_B`` recording the latter (their tokens and
+their images), plus one no-grad forward of the base (adapter disabled) on the general rows.
+Each forward is trimmed to its own rows' length, so short general rows are not padded to the
+task rows' prompts. Logits are only computed at target positions (``logits_to_keep``); the KL
+runs in float32 chunks, the norm in low-rank Gram form.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +29,15 @@ from transformers import Trainer, TrainingArguments
 
 from ilora.config import field
 from ilora.errors import IloraError
+from ilora.models.cache import cache_argument
 from ilora.models.inputs import IGNORE_INDEX
 from ilora.routing.collator import RoutingCollator, route_counts, select_rows
 from ilora.routing.hooks import LoraOutputRecorder
 from ilora.routing.lora import AdapterSwitch, apply_lora
 from ilora.routing.losses import causal_lm_loss, kl_base_lora, target_positions
+from ilora.routing.prefix import forward_with_shared_prefix, image_token_id, prefix_groups, shared_prefix_length
+
+logger = logging.getLogger(__name__)
 
 TERMS = ("lm", "kl", "norm")
 
@@ -42,6 +49,11 @@ class RoutingConfig(TrainingArguments):
     eps_lm: float = field(1.0, help="weight of the LM loss on task rows (SPEC ε1)")
     eps_kl: float = field(0.01, help="weight of KL(p_base || p_lora) on general rows' target tokens (SPEC ε2)")
     eps_norm: float = field(2.0, help="weight of the summed per-layer mean squared LoRA-B output norm on general rows (SPEC ε3)")
+    share_prompt_prefix: bool = field(
+        True, help="group a micro-batch's rows by their prompt text before the images (a game's rules): each group "
+        "runs trimmed to its own length and, where the recorder is off, runs that shared prefix once; same loss, "
+        "checked against the full forward on the first batch"
+    )
     kl_chunk_size: int = field(1024, help="target positions per float32 KL chunk (bounds memory with large vocabularies)")
     lora_r: int = field(128, help="LoRA rank")
     lora_alpha: float = field(256.0, help="LoRA alpha (scaling = alpha / r)")
@@ -132,6 +144,9 @@ class RoutingTrainer(Trainer):
         self._adapter_switch = AdapterSwitch(model)
         base = model.get_base_model()
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._image_token = image_token_id(base.config)
+        self._cache_arg = cache_argument(base)
+        self._share_prefix: bool | None = None  # None: not checked on this model yet
         self._term_sums = torch.zeros(len(TERMS), 2, device=args.device)
         self._weight_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -147,58 +162,105 @@ class RoutingTrainer(Trainer):
         return kwargs, columns
 
     def _target_logits(
-        self, model, batch: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor
+        self, model, batch: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor, share_prefix: bool = False
     ) -> torch.Tensor:
-        """Logits ``[N, V]`` at the N ``(rows, positions)`` of ``batch``."""
+        """Logits ``[N, V]`` at the N ``(rows, positions)`` of ``batch``; with ``share_prefix``, the
+        prefix all rows share runs once (``routing.prefix``)."""
         kwargs, columns = self._logit_request(batch, positions)
+        length = 0
+        if share_prefix and self.args.share_prompt_prefix and self._share_prefix is not False:
+            length = shared_prefix_length(batch["input_ids"], batch["attention_mask"], positions, self._image_token)
+        if length and self._share_prefix is None:
+            self._share_prefix = self._prefix_sharing_agrees(model, kwargs, length)
+        if length and self._share_prefix:
+            keep = kwargs.pop("logits_to_keep", None)
+            if keep is None:
+                columns = positions - length
+            return forward_with_shared_prefix(model, kwargs, length, keep, self._cache_arg).logits[rows, columns]
         return model(**kwargs, use_cache=False).logits[rows, columns]
+
+    def _prefix_sharing_agrees(self, model, kwargs: dict, length: int) -> bool:
+        """Whether running the shared prefix once gives this model's logits (checked once, in
+        eval mode, on the first batch that has such a prefix); logs why not when it does not."""
+        keep = kwargs.get("logits_to_keep")
+        rest = {k: v for k, v in kwargs.items() if k != "logits_to_keep"}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                full = model(**kwargs, use_cache=False).logits.float()
+                shared = forward_with_shared_prefix(model, rest, length, keep, self._cache_arg).logits.float()
+        except (ValueError, TypeError, RuntimeError) as err:
+            logger.warning("prompt-prefix sharing is off: the shared forward failed (%s)", err)
+            return False
+        finally:
+            model.train(was_training)
+        if keep is None:
+            full = full[:, length:]
+        tolerance = (1e-4 if full.dtype == torch.float32 and shared.dtype == torch.float32 else 3e-2) * full.abs().max()
+        error = (full - shared).abs().max() if full.shape == shared.shape else torch.tensor(float("inf"))
+        if not bool(error <= tolerance):
+            logger.warning("prompt-prefix sharing is off: it changes this model's logits (max error %.3g)", float(error))
+            return False
+        return True
+
+    def _prompt_groups(self, batch: dict[str, torch.Tensor], n_images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """``batch`` split into sub-batches of rows with the same text before their images (one
+        game's rules; the general questions), each trimmed to its own length; ``[batch]`` when
+        ``share_prompt_prefix`` is off or all rows are alike."""
+        if not self.args.share_prompt_prefix:
+            return [batch]
+        groups = prefix_groups(batch["input_ids"], self._image_token)
+        if len(groups) == 1:
+            return [batch]
+        subs = []
+        for group in groups:
+            keep = torch.zeros(batch["input_ids"].shape[0], dtype=torch.bool, device=n_images.device)
+            keep[group] = True
+            subs.append(select_rows(batch, keep, n_images))
+        return subs
 
     def routing_terms(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss terms present in this micro-batch (``lm`` when it has task rows; ``kl``
         and/or ``norm`` when it has general rows and their weight is non-zero).
 
-        One forward of the adapted model over all rows, the LoRA-B recorder masked to the
-        general rows (their tokens and their images); then, for ``kl``, one no-grad forward
-        of the same network with its adapter disabled on the general rows alone. Everything
-        that needs the host (row selections, target positions) is worked out before the
-        forwards, so an accelerator is not made to wait in between.
+        Task rows and general rows run in separate forwards of the adapted model, in groups of
+        rows with the same prompt text before their images, each trimmed to its own length (task
+        groups run that shared prefix once); the LoRA-B recorder records the general rows'
+        forwards (their tokens and their images); then, for ``kl``, no-grad forwards of the same
+        network with its adapter disabled on the same general groups.
         """
         args = self.args
         is_task, n_images = inputs["is_task"], inputs["n_images"]
         has_task, has_general = (bool(x) for x in torch.stack([is_task.any(), (~is_task).any()]).tolist())
-        if has_general and not args.routes_general:
-            # Plain LoRA: general rows get no loss, so they need no forward either.
-            if not has_task:
-                return {}
-            inputs, is_task, has_general = select_rows(inputs, is_task, n_images), is_task[is_task], False
         terms: dict[str, torch.Tensor] = {}
-        rows, positions, targets = target_positions(inputs["labels"])
-        base_request = None
-        if has_general and args.eps_kl > 0:
-            general = select_rows(inputs, ~is_task, n_images) if has_task else inputs
-            g_rows, g_positions, _ = target_positions(general["labels"])
-            base_request = (g_rows, *self._logit_request(general, g_positions))
-        record = contextlib.nullcontext()
-        if has_general and args.eps_norm > 0:
-            record = self.recorder.record(inputs["attention_mask"], ~is_task, n_images)
-        with record:
-            logits = self._target_logits(model, inputs, rows, positions)
-        general_logits = logits
         if has_task:
-            lm_targets = targets
-            if has_general:
-                on_task = is_task[rows]
-                lm_targets = targets.masked_fill(~on_task, IGNORE_INDEX)  # the mean is over task targets only
-                general_logits = logits[~on_task]
-            terms["lm"] = causal_lm_loss(logits, lm_targets)
-        if has_general and args.eps_norm > 0:
-            terms["norm"] = self.recorder.norm_loss().to(logits.device)
-        if base_request is not None:
-            g_rows, kwargs, columns = base_request
-            switch = self._adapter_switch
-            with torch.inference_mode(), switch.disabled():
-                base_logits = switch.peft_model(**kwargs, use_cache=False).logits[g_rows, columns]
-            terms["kl"] = kl_base_lora(base_logits, general_logits, args.kl_chunk_size)
+            task = select_rows(inputs, is_task, n_images) if has_general else inputs
+            logits, targets = [], []
+            for group in self._prompt_groups(task, n_images[is_task]):
+                rows, positions, group_targets = target_positions(group["labels"])
+                logits.append(self._target_logits(model, group, rows, positions, share_prefix=True))
+                targets.append(group_targets)
+            terms["lm"] = causal_lm_loss(torch.cat(logits), torch.cat(targets))
+        if not (has_general and args.routes_general):  # plain LoRA: general rows get no loss, no forward
+            return terms
+        general = select_rows(inputs, ~is_task, n_images) if has_task else inputs
+        general_logits, base_logits = [], []
+        for i, group in enumerate(self._prompt_groups(general, n_images[~is_task])):
+            rows, positions, _ = target_positions(group["labels"])
+            record = contextlib.nullcontext()
+            if args.eps_norm > 0:  # one L_norm over every group's positions
+                record = self.recorder.record(group["attention_mask"], keep_previous=i > 0)
+            with record:
+                general_logits.append(self._target_logits(model, group, rows, positions))
+            if args.eps_kl > 0:
+                switch = self._adapter_switch
+                with torch.inference_mode(), switch.disabled():
+                    base_logits.append(self._target_logits(switch.peft_model, group, rows, positions, share_prefix=True))
+        if args.eps_norm > 0:
+            terms["norm"] = self.recorder.norm_loss().to(general_logits[0].device)
+        if args.eps_kl > 0:
+            terms["kl"] = kl_base_lora(torch.cat(base_logits), torch.cat(general_logits), args.kl_chunk_size)
         return terms
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

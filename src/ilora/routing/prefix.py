@@ -1,0 +1,112 @@
+"""Running the prompt prefix that task rows share once per micro-batch, not once per row.
+
+Rows of one task carry the same text before their images (an Atari game's rules and action
+meanings: ~190 of Pong's ~370 tokens). With right padding that prefix sits at the same
+positions in every row, so its keys and values are the same for all of them: one batch-1
+forward of the prefix, expanded along the batch as the cache of the rest, gives every row's
+logits and, because the expanded cache carries gradient, the same gradients (each row's
+gradient adds up in the one prefix pass). A training step of the tiny model takes about half
+the time (``benchmarks/bench_routing.py``).
+
+Only forwards whose LoRA outputs are not recorded use it: the L_norm recorder counts
+positions per row, and a shared prefix is one row for all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ilora.models.cache import cache_layers, expanded_cache, output_cache
+
+MIN_SHARED_TOKENS = 16  # below this a second forward costs more than it saves
+
+
+def image_token_id(config) -> int | None:
+    """The image placeholder id of a VLM config (``None`` for text-only models)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def prefix_groups(input_ids: torch.Tensor, image_token: int | None) -> list[list[int]]:
+    """Rows grouped by the tokens before their first image (a game's context), in first-seen order.
+
+    Args:
+        input_ids: ``[B, T]`` right-padded token ids.
+        image_token: the image placeholder id; ``None``: one group (text-only rows).
+
+    Returns:
+        Lists of row indices covering every row once.
+    """
+    if image_token is None:
+        return [list(range(input_ids.shape[0]))]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, ids in enumerate(input_ids.tolist()):
+        head = ids[: ids.index(image_token)] if image_token in ids else ids
+        groups.setdefault(tuple(head), []).append(i)
+    return list(groups.values())
+
+
+def shared_prefix_length(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, image_token: int | None
+) -> int:
+    """How many leading tokens all rows share and may run once.
+
+    The prefix stops before the first image placeholder (each row's images differ), before the
+    first position whose logits are needed, and where any row has padding.
+
+    Args:
+        input_ids: ``[B, T]`` right-padded token ids.
+        attention_mask: ``[B, T]``.
+        positions: positions whose logits are needed (any rows).
+        image_token: the image placeholder id, or ``None``.
+
+    Returns:
+        The length, or 0 when fewer than two rows or ``MIN_SHARED_TOKENS`` tokens would share it.
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    if image_token is not None:
+        same &= input_ids[0] != image_token
+    limit = [same.long().cumprod(0).sum()]
+    if positions.numel():
+        limit.append(positions.min())
+    length = min(torch.stack(limit).tolist())  # one host sync
+    return length if length >= MIN_SHARED_TOKENS else 0
+
+
+def forward_with_shared_prefix(
+    model, kwargs: dict, length: int, logits_to_keep: torch.Tensor | None, cache_arg: str = "past_key_values"
+):
+    """``model(**kwargs)`` with the first ``length`` tokens run once for all rows.
+
+    Args:
+        model: a causal (V)LM whose forward takes a cache and returns one with per-layer
+            ``keys``/``values``.
+        kwargs: ``input_ids``, ``attention_mask`` and optionally ``pixel_values`` of the full rows
+            (the images must come after the prefix).
+        length: the shared prefix (from :func:`shared_prefix_length`).
+        logits_to_keep: positions (in the full rows, all ``>= length``) whose logits are
+            returned, or ``None`` for every position after the prefix.
+
+    Returns:
+        The model output of the rest of the rows; ``logits`` cover ``logits_to_keep`` (or the
+        positions after the prefix), in order.
+
+    Raises:
+        ValueError: when the model's cache does not expose keys and values.
+    """
+    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+    prefix_kwargs = {"logits_to_keep": 1} if logits_to_keep is not None else {}
+    prefix = model(input_ids=ids[:1, :length], attention_mask=mask[:1, :length], use_cache=True, **prefix_kwargs)
+    layers = cache_layers(output_cache(prefix))
+    if layers is None:
+        raise ValueError(f"cache type {type(output_cache(prefix)).__name__} does not expose keys and values")
+    rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "logits_to_keep")}
+    if logits_to_keep is not None:
+        rest["logits_to_keep"] = logits_to_keep - length
+    rest[cache_arg] = expanded_cache(layers, ids.shape[0])
+    return model(input_ids=ids[:, length:], use_cache=True, **rest)
