@@ -120,5 +120,5 @@ def test_references_and_own_game_cells_play_own_game_episodes(quick_run):
             assert {g: p["episodes"] for g, p in plays.items()} == {
                 g: e.own_game_episodes if g == game else e.episodes for g in config.games
             }
-        assert result(f"eval/routed/{game}")["blank"][game]["episodes"] == e.own_game_episodes
+        assert result(f"eval/routed/{game}")["blank"][game]["episodes"] == e.episodes
     assert all(p["episodes"] == e.episodes for p in result("eval/merge/ilora")["play"].values())

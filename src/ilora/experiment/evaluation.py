@@ -104,7 +104,8 @@ def evaluate_model(
     """Play ``games`` with one model, score the general benchmark and offline agreement.
 
     ``own_game`` (a single-game adapter's game) is played ``own_episodes(e)`` times; with
-    ``blank_check`` also with blanked frames, and its first episode is saved as a GIF.
+    ``blank_check`` also ``e.episodes`` times with blanked frames, and its first episode is
+    saved as a GIF.
 
     Returns:
         ``{"play": {game: summary}, "blank": {game: summary}, "agreement": {game: ...},
@@ -124,7 +125,8 @@ def evaluate_model(
         episodes = own_episodes(e) if own else e.episodes
         out["play"][game] = play(agent, game, e, cfg.seed, folder, game, video=own and blank_check, episodes=episodes)
         if own and blank_check:
-            out["blank"][game] = play(agent, game, e, cfg.seed, folder, f"{game}-blank", blank=True, episodes=episodes)
+            # A check of whether the images matter, not a retention denominator: e.episodes suffice.
+            out["blank"][game] = play(agent, game, e, cfg.seed, folder, f"{game}-blank", blank=True)
         out["agreement"][game] = action_agreement(model, processor, heldout[game], e.agreement_rows, cfg.data.reasoning)
     scores = score_general(lambda batch: generate_answers(model, processor, batch), general)
     out["general"] = scores["overall"]
