@@ -4,9 +4,9 @@ For each model size, one batch of ``--task`` task rows and ``--general`` general
 frames each, like the Atari data) is trained on repeatedly by
 
 - plain LoRA: every row takes the LM loss (``eps_kl = eps_norm = 0``), one forward;
-- routing: task rows -> LM loss, general rows -> KL + LoRA-norm: the same one forward over
-  all rows (LoRA-B outputs recorded under a per-row mask), plus a no-grad forward of the
-  base (adapter disabled) on the general rows only, which is the floor of the extra cost.
+- routing: task rows -> LM loss, general rows -> KL + LoRA-norm: the task rows' forward and
+  the general rows' forward (LoRA-B outputs recorded), plus a no-grad forward of the base
+  (adapter disabled) on the general rows only, which is the floor of the extra cost.
 
 Step = ``Trainer.training_step`` (forward + backward) + optimiser step, timed alternately
 (plain, routed, plain, ...) so machine load hits both alike; the median is reported. ``floor``
