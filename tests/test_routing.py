@@ -212,15 +212,17 @@ def test_routing_separation_with_crafted_batches(vlm, tmp_path):
         with torch.no_grad():
             return trainer.routing_terms(trainer.model, collate(rows))
 
-    # Task rows and general rows run in separate forwards, each trimmed to its own rows: the
-    # other kind's rows cannot change a term at all, whatever their shapes.
+    # All rows run in one forward, so other rows can only change the padded batch shape: with
+    # the same shapes the terms are bitwise equal, with other shapes equal up to rounding.
     a, b, b_same = terms(t1 + g1), terms(t1 + g2), terms(t1 + g3)
-    assert torch.equal(a["lm"], b_same["lm"]) and torch.equal(a["lm"], b["lm"])  # general rows never enter the LM loss
+    assert torch.equal(a["lm"], b_same["lm"])  # general rows never enter the LM loss
+    torch.testing.assert_close(a["lm"], b["lm"], rtol=1e-6, atol=0)
     assert not torch.equal(a["kl"], b["kl"]) and not torch.equal(a["norm"], b["norm"])
     assert not torch.equal(a["kl"], b_same["kl"]) and not torch.equal(a["norm"], b_same["norm"])
     c, c_same = terms(t2 + g1), terms(t3 + g1)
-    for name in ("kl", "norm"):  # task rows never enter KL/norm
-        assert torch.equal(a[name], c_same[name]) and torch.equal(a[name], c[name])
+    assert torch.equal(a["kl"], c_same["kl"]) and torch.equal(a["norm"], c_same["norm"])  # task rows never enter KL/norm
+    for name in ("kl", "norm"):
+        torch.testing.assert_close(a[name], c[name], rtol=1e-6, atol=0)
     assert not torch.equal(a["lm"], c["lm"]) and not torch.equal(a["lm"], c_same["lm"])
     assert set(terms(t1)) == {"lm"} and set(terms(g1)) == {"kl", "norm"}  # missing rows: term skipped
     assert all(torch.isfinite(v) for v in terms(g1).values())

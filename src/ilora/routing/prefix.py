@@ -19,6 +19,7 @@ import torch
 from ilora.models.cache import cache_layers, expanded_cache, output_cache
 
 MIN_SHARED_TOKENS = 16  # below this a second forward costs more than it saves
+MIN_SPLIT_SAVING = 0.25  # split a micro-batch into forwards of alike rows only when it saves this share of tokens
 
 
 def image_token_id(config) -> int | None:
@@ -30,22 +31,40 @@ def image_token_id(config) -> int | None:
     return None
 
 
-def prefix_groups(input_ids: torch.Tensor, image_token: int | None) -> list[list[int]]:
-    """Rows grouped by the tokens before their first image (a game's context), in first-seen order.
+def plan_forwards(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, is_task: torch.Tensor, image_token: int | None
+) -> list[list[int]] | None:
+    """Whether a micro-batch runs as one forward or as groups of alike rows, and which groups.
+
+    A group is the rows of one route (task or general) with the same text before their images.
+    Splitting pays when the groups' padded tokens, each task group's prefix counted once, come
+    to at most ``1 - MIN_SPLIT_SAVING`` of the whole batch's padded tokens (every extra forward
+    has a fixed cost): true for Atari rows mixed with short general questions, false for rows
+    of one length.
 
     Args:
         input_ids: ``[B, T]`` right-padded token ids.
-        image_token: the image placeholder id; ``None``: one group (text-only rows).
+        attention_mask: ``[B, T]``.
+        is_task: bool ``[B]``.
+        image_token: the image placeholder id, or ``None``.
 
     Returns:
-        Lists of row indices covering every row once.
+        Row-index lists (each of one route), or ``None`` for one forward over all rows.
     """
-    if image_token is None:
-        return [list(range(input_ids.shape[0]))]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, ids in enumerate(input_ids.tolist()):
-        head = ids[: ids.index(image_token)] if image_token in ids else ids
-        groups.setdefault(tuple(head), []).append(i)
+    ids, lengths, routes = input_ids.tolist(), attention_mask.sum(1).tolist(), is_task.tolist()
+    groups: dict[tuple, list[int]] = {}
+    for i, (row, task) in enumerate(zip(ids, routes)):
+        head = row[: row.index(image_token)] if image_token is not None and image_token in row else []
+        groups.setdefault((task, tuple(head)), []).append(i)
+    if len(groups) == 1:
+        return None
+    split = 0
+    for (task, head), rows in groups.items():
+        split += len(rows) * max(lengths[i] for i in rows)
+        if task and len(head) >= MIN_SHARED_TOKENS:
+            split -= (len(rows) - 1) * len(head)
+    if split > (1 - MIN_SPLIT_SAVING) * len(ids) * max(lengths):
+        return None
     return list(groups.values())
 
 

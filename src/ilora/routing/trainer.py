@@ -8,13 +8,15 @@ Per micro-batch (SPEC §1):
   of ``‖lora_B output‖²`` over their positions (image patches included), summed over layers;
 - ``loss = eps_lm·L_lm + eps_kl·L_kl + eps_norm·L_norm``.
 
-A step is one forward of the adapted model over the task rows (as plain LoRA does; rows of
-one game run their shared rules-and-actions prefix once, ``routing.prefix``) and one over the
-general rows, with the forward hook on every ``lora_B`` recording the latter (their tokens and
-their images), plus one no-grad forward of the base (adapter disabled) on the general rows.
-Each forward is trimmed to its own rows' length, so short general rows are not padded to the
-task rows' prompts. Logits are only computed at target positions (``logits_to_keep``); the KL
-runs in float32 chunks, the norm in low-rank Gram form.
+A step is one forward of the adapted model over all rows (as plain LoRA does), with the
+forward hook on every ``lora_B`` recording under a per-row mask that covers the general
+rows' tokens and their own images, plus one no-grad forward of the base (adapter disabled)
+on the general rows only. When rows differ enough in length (Atari prompts beside short
+general questions), the rows run instead in groups of one route and one prompt text before
+their images, each trimmed to its own length, and each task group runs that shared prefix
+(a game's rules and actions) once (``routing.prefix``); the loss and its gradients are the
+same. Logits are only computed at target positions (``logits_to_keep``); the KL runs in
+float32 chunks, the norm in low-rank Gram form.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ilora.routing.collator import RoutingCollator, route_counts, select_rows
 from ilora.routing.hooks import LoraOutputRecorder
 from ilora.routing.lora import AdapterSwitch, apply_lora
 from ilora.routing.losses import causal_lm_loss, kl_base_lora, target_positions
-from ilora.routing.prefix import forward_with_shared_prefix, image_token_id, prefix_groups, shared_prefix_length
+from ilora.routing.prefix import forward_with_shared_prefix, image_token_id, plan_forwards, shared_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +52,9 @@ class RoutingConfig(TrainingArguments):
     eps_kl: float = field(0.01, help="weight of KL(p_base || p_lora) on general rows' target tokens (SPEC ε2)")
     eps_norm: float = field(2.0, help="weight of the summed per-layer mean squared LoRA-B output norm on general rows (SPEC ε3)")
     share_prompt_prefix: bool = field(
-        True, help="group a micro-batch's rows by their prompt text before the images (a game's rules): each group "
-        "runs trimmed to its own length and, where the recorder is off, runs that shared prefix once; same loss, "
-        "checked against the full forward on the first batch"
+        True, help="run task rows' shared prompt prefix (a game's rules) once, and, where it saves padding, a "
+        "micro-batch's rows in groups of one route and one prompt text; same loss, checked against the full "
+        "forward on the first batch"
     )
     kl_chunk_size: int = field(1024, help="target positions per float32 KL chunk (bounds memory with large vocabularies)")
     lora_r: int = field(128, help="LoRA rank")
@@ -204,63 +206,78 @@ class RoutingTrainer(Trainer):
             return False
         return True
 
-    def _prompt_groups(self, batch: dict[str, torch.Tensor], n_images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """``batch`` split into sub-batches of rows with the same text before their images (one
-        game's rules; the general questions), each trimmed to its own length; ``[batch]`` when
-        ``share_prompt_prefix`` is off or all rows are alike."""
-        if not self.args.share_prompt_prefix:
-            return [batch]
-        groups = prefix_groups(batch["input_ids"], self._image_token)
-        if len(groups) == 1:
-            return [batch]
-        subs = []
-        for group in groups:
-            keep = torch.zeros(batch["input_ids"].shape[0], dtype=torch.bool, device=n_images.device)
-            keep[group] = True
-            subs.append(select_rows(batch, keep, n_images))
-        return subs
+    def _forward_units(
+        self, inputs: dict[str, torch.Tensor], is_task: torch.Tensor, n_images: torch.Tensor, kind: str
+    ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, str]]:
+        """The forwards of a micro-batch: ``(rows, their is_task, their n_images, kind)`` with kind
+        ``task``, ``general`` or ``mixed``; one unit for all rows unless ``prefix.plan_forwards``
+        finds that groups of alike rows, each trimmed to its own length, cost enough less."""
+        plan = None
+        if self.args.share_prompt_prefix and len(is_task) > 1:
+            plan = plan_forwards(inputs["input_ids"], inputs["attention_mask"], is_task, self._image_token)
+        if plan is None:
+            return [(inputs, is_task, n_images, kind)]
+        units = []
+        for rows in plan:
+            keep = torch.zeros(len(is_task), dtype=torch.bool, device=is_task.device)
+            keep[rows] = True
+            units.append((select_rows(inputs, keep, n_images), is_task[keep], n_images[keep],
+                          "task" if bool(is_task[rows[0]]) else "general"))
+        return units
 
     def routing_terms(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss terms present in this micro-batch (``lm`` when it has task rows; ``kl``
         and/or ``norm`` when it has general rows and their weight is non-zero).
 
-        Task rows and general rows run in separate forwards of the adapted model, in groups of
-        rows with the same prompt text before their images, each trimmed to its own length (task
-        groups run that shared prefix once); the LoRA-B recorder records the general rows'
-        forwards (their tokens and their images); then, for ``kl``, no-grad forwards of the same
-        network with its adapter disabled on the same general groups.
+        One forward of the adapted model over all rows, the LoRA-B recorder masked to the
+        general rows (their tokens and their images), or, when it saves enough padding
+        (``prefix.plan_forwards``), one forward per group of alike rows, task groups running
+        their shared prompt prefix once; then, for ``kl``, no-grad forwards of the same network
+        with its adapter disabled on the general rows.
         """
         args = self.args
         is_task, n_images = inputs["is_task"], inputs["n_images"]
         has_task, has_general = (bool(x) for x in torch.stack([is_task.any(), (~is_task).any()]).tolist())
-        terms: dict[str, torch.Tensor] = {}
-        if has_task:
-            task = select_rows(inputs, is_task, n_images) if has_general else inputs
-            logits, targets = [], []
-            for group in self._prompt_groups(task, n_images[is_task]):
-                rows, positions, group_targets = target_positions(group["labels"])
-                logits.append(self._target_logits(model, group, rows, positions, share_prefix=True))
-                targets.append(group_targets)
-            terms["lm"] = causal_lm_loss(torch.cat(logits), torch.cat(targets))
-        if not (has_general and args.routes_general):  # plain LoRA: general rows get no loss, no forward
-            return terms
-        general = select_rows(inputs, ~is_task, n_images) if has_task else inputs
-        general_logits, base_logits = [], []
-        for i, group in enumerate(self._prompt_groups(general, n_images[~is_task])):
-            rows, positions, _ = target_positions(group["labels"])
+        if has_general and not args.routes_general:
+            # Plain LoRA: general rows get no loss, so they need no forward either.
+            if not has_task:
+                return {}
+            inputs, n_images, is_task, has_general = select_rows(inputs, is_task, n_images), n_images[is_task], is_task[is_task], False
+        kind = "mixed" if has_task and has_general else "task" if has_task else "general"
+        lm_logits, lm_targets, lora_logits, base_logits = [], [], [], []
+        recorded = False
+        for batch, rows_task, rows_images, unit in self._forward_units(inputs, is_task, n_images, kind):
+            rows, positions, targets = target_positions(batch["labels"])
             record = contextlib.nullcontext()
-            if args.eps_norm > 0:  # one L_norm over every group's positions
-                record = self.recorder.record(group["attention_mask"], keep_previous=i > 0)
+            if unit != "task" and args.eps_norm > 0:  # one L_norm over every unit's general positions
+                selection = (~rows_task, rows_images) if unit == "mixed" else (None, None)
+                record = self.recorder.record(batch["attention_mask"], *selection, keep_previous=recorded)
+                recorded = True
             with record:
-                general_logits.append(self._target_logits(model, group, rows, positions))
-            if args.eps_kl > 0:
+                logits = self._target_logits(model, batch, rows, positions, share_prefix=unit == "task")
+            if unit == "mixed":
+                on_task = rows_task[rows]
+                lm_logits.append(logits)
+                lm_targets.append(targets.masked_fill(~on_task, IGNORE_INDEX))  # the mean is over task targets only
+                lora_logits.append(logits[~on_task])
+            elif unit == "task":
+                lm_logits.append(logits)
+                lm_targets.append(targets)
+            else:
+                lora_logits.append(logits)
+            if unit != "task" and args.eps_kl > 0:
+                general = select_rows(batch, ~rows_task, rows_images) if unit == "mixed" else batch
+                g_rows, g_positions, _ = target_positions(general["labels"])
                 switch = self._adapter_switch
                 with torch.inference_mode(), switch.disabled():
-                    base_logits.append(self._target_logits(switch.peft_model, group, rows, positions, share_prefix=True))
-        if args.eps_norm > 0:
-            terms["norm"] = self.recorder.norm_loss().to(general_logits[0].device)
-        if args.eps_kl > 0:
-            terms["kl"] = kl_base_lora(torch.cat(base_logits), torch.cat(general_logits), args.kl_chunk_size)
+                    base_logits.append(self._target_logits(switch.peft_model, general, g_rows, g_positions, share_prefix=True))
+        terms: dict[str, torch.Tensor] = {}
+        if has_task:
+            terms["lm"] = causal_lm_loss(_joined(lm_logits), _joined(lm_targets))
+        if has_general and args.eps_norm > 0:
+            terms["norm"] = self.recorder.norm_loss().to(lora_logits[0].device)
+        if has_general and args.eps_kl > 0:
+            terms["kl"] = kl_base_lora(_joined(base_logits), _joined(lora_logits), args.kl_chunk_size)
         return terms
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -295,3 +312,8 @@ class RoutingTrainer(Trainer):
                     logs[f"loss_{name}"] = round(total / count, 8)
             self._term_sums.zero_()
         super().log(logs, start_time)
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along their first dimension (the one tensor itself, uncopied)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
