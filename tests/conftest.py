@@ -24,3 +24,14 @@ def tiny_vlm(tiny_vlm_dir):
     from ilora.models.load import load_vlm
 
     return load_vlm(tiny_vlm_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models on a shared 2-core machine run faster and steadier."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

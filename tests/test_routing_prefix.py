@@ -14,12 +14,7 @@ from ilora.routing.trainer import RoutingTrainer
 IMG = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shared_prefix_stops_at_images_targets_padding_and_differences():

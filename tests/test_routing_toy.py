@@ -23,26 +23,20 @@ def task_loss(trainer, rows) -> float:
         return float(trainer.routing_terms(trainer.model, batch)["lm"])
 
 
-def test_routed_adapter_is_quieter_on_general_data(tiny_vlm_dir, tmp_path):
+def test_routed_adapter_is_quieter_on_general_data(tiny_vlm_dir, tmp_path, one_thread):
     from ilora.routing.trainer import RoutingTrainer
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        task, general = toy_rows(32, 0, "Action:"), make_rows(32, 1, n_images=2, prefix="Describe:")
-        held_out_task, held_out_general = toy_rows(16, 2, "Action:"), make_rows(16, 3, n_images=2, prefix="Describe:")
-        settings = dict(max_steps=30, per_device_train_batch_size=8, learning_rate=5e-3, lora_r=8, lora_alpha=16)
-        results = {}
-        for name, general_sources, eps in (("plain", [], dict(eps_kl=0.0, eps_norm=0.0)), ("routed", [general], {})):
-            model, proc = load_vlm(tiny_vlm_dir)
-            args = routing_args(tmp_path / name, **settings, **eps)
-            trainer = RoutingTrainer(model, args, train_dataset=mix_sources([task], general_sources), processing_class=proc)
-            trainer.train()
-            norms, _ = lora_activation_norms(trainer.model, proc, held_out_general)
-            results[name] = (sum(norms.values()) / len(norms), task_loss(trainer, held_out_task))
-        base_loss = task_loss(trainer, held_out_task) if False else None
-    finally:
-        torch.set_num_threads(previous)
+    task, general = toy_rows(32, 0, "Action:"), make_rows(32, 1, n_images=2, prefix="Describe:")
+    held_out_task, held_out_general = toy_rows(16, 2, "Action:"), make_rows(16, 3, n_images=2, prefix="Describe:")
+    settings = dict(max_steps=30, per_device_train_batch_size=8, learning_rate=5e-3, lora_r=8, lora_alpha=16)
+    results = {}
+    for name, general_sources, eps in (("plain", [], dict(eps_kl=0.0, eps_norm=0.0)), ("routed", [general], {})):
+        model, proc = load_vlm(tiny_vlm_dir)
+        args = routing_args(tmp_path / name, **settings, **eps)
+        trainer = RoutingTrainer(model, args, train_dataset=mix_sources([task], general_sources), processing_class=proc)
+        trainer.train()
+        norms, _ = lora_activation_norms(trainer.model, proc, held_out_general)
+        results[name] = (sum(norms.values()) / len(norms), task_loss(trainer, held_out_task))
     (plain_norm, plain_loss), (routed_norm, routed_loss) = results["plain"], results["routed"]
     print(f"\nplain : general LoRA-B norm {plain_norm:.4g}, task loss {plain_loss:.4f}")
     print(f"routed: general LoRA-B norm {routed_norm:.4g}, task loss {routed_loss:.4f}")
