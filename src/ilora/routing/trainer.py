@@ -170,7 +170,9 @@ class RoutingTrainer(Trainer):
         prefix all rows share runs once (``routing.prefix``)."""
         kwargs, columns = self._logit_request(batch, positions)
         length = 0
-        if share_prefix and self.args.share_prompt_prefix and self._share_prefix is not False:
+        # Without a known image placeholder a shared prefix could reach into the images.
+        knows_images = self._image_token is not None or "pixel_values" not in batch
+        if share_prefix and self.args.share_prompt_prefix and self._share_prefix is not False and knows_images:
             length = shared_prefix_length(batch["input_ids"], batch["attention_mask"], positions, self._image_token)
         if length and self._share_prefix is None:
             self._share_prefix = self._prefix_sharing_agrees(model, kwargs, length)
@@ -242,7 +244,8 @@ class RoutingTrainer(Trainer):
             # Plain LoRA: general rows get no loss, so they need no forward either.
             if not has_task:
                 return {}
-            inputs, n_images, is_task, has_general = select_rows(inputs, is_task, n_images), n_images[is_task], is_task[is_task], False
+            inputs, n_images = select_rows(inputs, is_task, n_images), n_images[is_task]
+            is_task, has_general = is_task[is_task], False
         kind = "mixed" if has_task and has_general else "task" if has_task else "general"
         lm_logits, lm_targets, lora_logits, base_logits = [], [], [], []
         recorded = False
