@@ -114,10 +114,19 @@ def load_vlm_merged(
     return model.eval(), processor
 
 
+def image_token_id(config) -> int | None:
+    """The image placeholder id of a VLM config (``None`` for text-only models)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
 def check_processor(model: nn.Module, processor, where: str | os.PathLike = "model") -> None:
     """Refuse a processor whose image token is not the one the model expects."""
     token = getattr(processor, "image_token", None)
-    token_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
+    token_id = image_token_id(model.config)
     if token is None or token_id is None:
         raise IloraError(f"{where}: processor or model has no image token; not a vision-language pair")
     got = processor.tokenizer.convert_tokens_to_ids(token)

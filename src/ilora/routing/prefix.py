@@ -6,7 +6,7 @@ positions in every row, so its keys and values are the same for all of them: one
 forward of the prefix, expanded along the batch as the cache of the rest, gives every row's
 logits and, because the expanded cache carries gradient, the same gradients (each row's
 gradient adds up in the one prefix pass). A training step of the tiny model takes about half
-the time (``benchmarks/bench_routing.py``).
+the time (``benchmarks/bench_prompt_prefix.py``).
 
 Only forwards whose LoRA outputs are not recorded use it: the L_norm recorder counts
 positions per row, and a shared prefix is one row for all of them.
@@ -20,15 +20,6 @@ from ilora.models.cache import cache_layers, expanded_cache, output_cache
 
 MIN_SHARED_TOKENS = 16  # below this a second forward costs more than it saves
 MIN_SPLIT_SAVING = 0.25  # split a micro-batch into forwards of alike rows only when it saves this share of tokens
-
-
-def image_token_id(config) -> int | None:
-    """The image placeholder id of a VLM config (``None`` for text-only models)."""
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    return None
 
 
 def plan_forwards(

@@ -33,11 +33,12 @@ from ilora.config import field
 from ilora.errors import IloraError
 from ilora.models.cache import cache_argument
 from ilora.models.inputs import IGNORE_INDEX
+from ilora.models.load import image_token_id
 from ilora.routing.collator import RoutingCollator, route_counts, select_rows
 from ilora.routing.hooks import LoraOutputRecorder
 from ilora.routing.lora import AdapterSwitch, apply_lora
 from ilora.routing.losses import causal_lm_loss, kl_base_lora, target_positions
-from ilora.routing.prefix import forward_with_shared_prefix, image_token_id, plan_forwards, shared_prefix_length
+from ilora.routing.prefix import forward_with_shared_prefix, plan_forwards, shared_prefix_length
 
 logger = logging.getLogger(__name__)
 
