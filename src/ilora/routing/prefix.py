@@ -88,19 +88,16 @@ def shared_prefix_length(
     return length if length >= MIN_SHARED_TOKENS else 0
 
 
-def forward_with_shared_prefix(
-    model, kwargs: dict, length: int, logits_to_keep: torch.Tensor | None, cache_arg: str = "past_key_values"
-):
+def forward_with_shared_prefix(model, kwargs: dict, length: int, cache_arg: str = "past_key_values"):
     """``model(**kwargs)`` with the first ``length`` tokens run once for all rows.
 
     Args:
         model: a causal (V)LM whose forward takes a cache and returns one with per-layer
             ``keys``/``values``.
         kwargs: ``input_ids``, ``attention_mask`` and optionally ``pixel_values`` of the full rows
-            (the images must come after the prefix).
+            (the images must come after the prefix) and ``logits_to_keep``: positions in the full
+            rows, all ``>= length`` (absent: every position after the prefix).
         length: the shared prefix (from :func:`shared_prefix_length`).
-        logits_to_keep: positions (in the full rows, all ``>= length``) whose logits are
-            returned, or ``None`` for every position after the prefix.
 
     Returns:
         The model output of the rest of the rows; ``logits`` cover ``logits_to_keep`` (or the
@@ -109,7 +106,7 @@ def forward_with_shared_prefix(
     Raises:
         ValueError: when the model's cache does not expose keys and values.
     """
-    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+    ids, mask, logits_to_keep = kwargs["input_ids"], kwargs["attention_mask"], kwargs.get("logits_to_keep")
     prefix_kwargs = {"logits_to_keep": 1} if logits_to_keep is not None else {}
     prefix = model(input_ids=ids[:1, :length], attention_mask=mask[:1, :length], use_cache=True, **prefix_kwargs)
     layers = cache_layers(output_cache(prefix))

@@ -178,29 +178,26 @@ class RoutingTrainer(Trainer):
         if length and self._share_prefix is None:
             self._share_prefix = self._prefix_sharing_agrees(model, kwargs, length)
         if length and self._share_prefix:
-            keep = kwargs.pop("logits_to_keep", None)
-            if keep is None:
+            if "logits_to_keep" not in kwargs:
                 columns = positions - length
-            return forward_with_shared_prefix(model, kwargs, length, keep, self._cache_arg).logits[rows, columns]
+            return forward_with_shared_prefix(model, kwargs, length, self._cache_arg).logits[rows, columns]
         return model(**kwargs, use_cache=False).logits[rows, columns]
 
     def _prefix_sharing_agrees(self, model, kwargs: dict, length: int) -> bool:
         """Whether running the shared prefix once gives this model's logits (checked once, in
         eval mode, on the first batch that has such a prefix); logs why not when it does not."""
-        keep = kwargs.get("logits_to_keep")
-        rest = {k: v for k, v in kwargs.items() if k != "logits_to_keep"}
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 full = model(**kwargs, use_cache=False).logits.float()
-                shared = forward_with_shared_prefix(model, rest, length, keep, self._cache_arg).logits.float()
+                shared = forward_with_shared_prefix(model, kwargs, length, self._cache_arg).logits.float()
         except (ValueError, TypeError, RuntimeError) as err:
             logger.warning("prompt-prefix sharing is off: the shared forward failed (%s)", err)
             return False
         finally:
             model.train(was_training)
-        if keep is None:
+        if "logits_to_keep" not in kwargs:
             full = full[:, length:]
         tolerance = (1e-4 if full.dtype == torch.float32 and shared.dtype == torch.float32 else 3e-2) * full.abs().max()
         error = (full - shared).abs().max() if full.shape == shared.shape else torch.tensor(float("inf"))
