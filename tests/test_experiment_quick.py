@@ -122,3 +122,18 @@ def test_references_and_own_game_cells_play_own_game_episodes(quick_run):
             }
         assert result(f"eval/routed/{game}")["blank"][game]["episodes"] == e.episodes
     assert all(p["episodes"] == e.episodes for p in result("eval/merge/ilora")["play"].values())
+
+
+def test_a_forced_stage_is_redone_by_the_workers_with_exactly_what_reads_it(quick_run):
+    """Workers recompute the forced training; the evaluations they run re-enter it without redoing it."""
+    config, run_dir, _ = quick_run
+    assert config.workers == 2
+    forced = Experiment(config, force=("train/routed/Pong",), log=lambda *_: None)
+    forced.run()
+    merges = ["merge/ilora", "merge/magmax", "merge/ties", "merge/peft:linear", "keep/0.5",
+              "iter/Pong-Breakout/2", "iter/Breakout-Pong/2", "ablation-merge/routed"]
+    expected = {"train/routed/Pong", "eval/routed/Pong", "analysis/routed/Pong", "report",
+                *merges, *[f"eval/{m}" for m in merges]}
+    assert forced.runner.redone == expected
+    record = json.loads((run_dir / "train" / "routed" / "Pong" / "stage.json").read_text())
+    assert record["fingerprint"] == forced.runner.fingerprint("train/routed/Pong")

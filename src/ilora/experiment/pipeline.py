@@ -17,14 +17,19 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ilora.atari.games import DEFAULT_FRAME_SKIP
 from ilora.config import to_dict
 from ilora.experiment.config import ExperimentConfig
-from ilora.experiment.stages import StageRunner
+from ilora.experiment.evaluation import own_episodes
+from ilora.experiment.schedule import AGENT_STEP_SECONDS, TRAIN_ROW_SECONDS, Job, Schedule
+from ilora.experiment.stages import StageNotCached, StageRunner
 from ilora.fileio import file_sha256
 
 PLAIN = {"eps_kl": 0.0, "eps_norm": 0.0}
@@ -55,29 +60,6 @@ class Experiment:
         self.workers = config.workers if workers is None else workers
         self.models: dict[str, ModelSpec] = {}
 
-    def parallel(self, method: str, jobs: list[tuple]) -> None:
-        """Run ``getattr(self, method)(*job)`` for every job, spread over worker processes.
-
-        The jobs' stages must be independent of one another. Workers compute them; the
-        parent then re-enters each job, which finds its stage cached and registers its model.
-        """
-        if self.workers > 1 and len(jobs) > 1:
-            import multiprocessing
-
-            pool_jobs = [(self.cfg, self.runner.force, method, job) for job in jobs]
-            with multiprocessing.get_context("spawn").Pool(min(self.workers, len(jobs))) as pool:
-                for _ in pool.imap_unordered(_run_job, pool_jobs):
-                    pass
-            forced, self.runner.force = self.runner.force, ()  # the workers already redid forced stages
-            try:
-                for job in jobs:
-                    getattr(self, method)(*job)
-            finally:
-                self.runner.force = forced
-        else:
-            for job in jobs:
-                getattr(self, method)(*job)
-
     # ----------------------------------------------------------------- helpers
     def stage(self, name: str, config: Any, fn: Callable[[Path], Any], deps=()) -> Path:
         return self.runner.run(name, to_dict(config), fn, deps)
@@ -104,31 +86,35 @@ class Experiment:
         source = file_sha256(builtin_base() / "model.safetensors") if self.cfg.base == "builtin" else self.cfg.base
         self.stage("base", {"base": self.cfg.base, "source": source}, build)
 
-    def run_data(self) -> None:
+    def collect(self, game: str) -> None:
+        """Expert data of ``game`` (stage ``data/<game>``): training and held-out episodes."""
         from ilora.atari.collect import ROW_LAYOUT, collect_dataset
+
+        d = self.cfg.data
+
+        def run(folder: Path):
+            opts = dict(object_text=d.object_text, reasoning=d.reasoning, max_steps=d.max_steps)
+            train = collect_dataset(game, d.episodes, self.cfg.seed, **opts)
+            train.save_to_disk(str(folder / "train"))
+            held = collect_dataset(game, d.heldout_episodes, self.cfg.seed + 10_000, **opts)
+            held.save_to_disk(str(folder / "heldout"))
+            return {"train_rows": len(train), "heldout_rows": len(held)}
+
+        collection = {k: getattr(d, k) for k in ("episodes", "heldout_episodes", "max_steps", "object_text", "reasoning")}
+        self.stage(f"data/{game}", {**collection, "game": game, "seed": self.cfg.seed, "layout": ROW_LAYOUT}, run)
+
+    def general_data(self) -> None:
+        """General training and benchmark rows (stage ``data/general``)."""
         from ilora.general.data import generate_general
 
         d = self.cfg.data
-        for game in self.cfg.games:
 
-            def collect(folder: Path, game=game):
-                opts = dict(object_text=d.object_text, reasoning=d.reasoning, max_steps=d.max_steps)
-                train = collect_dataset(game, d.episodes, self.cfg.seed, **opts)
-                train.save_to_disk(str(folder / "train"))
-                held = collect_dataset(game, d.heldout_episodes, self.cfg.seed + 10_000, **opts)
-                held.save_to_disk(str(folder / "heldout"))
-                return {"train_rows": len(train), "heldout_rows": len(held)}
-
-            collection = {k: getattr(d, k) for k in ("episodes", "heldout_episodes", "max_steps", "object_text", "reasoning")}
-            settings = {**collection, "game": game, "seed": self.cfg.seed, "layout": ROW_LAYOUT}
-            self.stage(f"data/{game}", settings, collect)
-
-        def general(folder: Path):
+        def run(folder: Path):
             generate_general(d.general_rows, self.cfg.seed, "train").save_to_disk(str(folder / "train"))
             generate_general(d.general_eval_rows, self.cfg.seed, "test").save_to_disk(str(folder / "test"))
             return {"train_rows": d.general_rows, "test_rows": d.general_eval_rows}
 
-        self.stage("data/general", {"rows": d.general_rows, "eval": d.general_eval_rows, "seed": self.cfg.seed}, general)
+        self.stage("data/general", {"rows": d.general_rows, "eval": d.general_eval_rows, "seed": self.cfg.seed}, run)
 
     def train(self, name: str, task_games: list[str], weights: dict[str, float], steps: int | None = None) -> None:
         """Train adapter ``name`` on ``task_games``' data; general rows join when the weights route them."""
@@ -189,7 +175,7 @@ class Experiment:
         self.stage(f"train/{name}", settings, fit, deps)
         self.models[name] = ModelSpec(adapter=self.runner.folder(f"train/{name}") / "adapter")
 
-    def merge(self, name: str, adapters: list[str], method: str, **options: Any) -> None:
+    def merge(self, name: str, adapters: list[str], method: str, options: dict[str, Any]) -> None:
         """Merge trained adapters (or, for ``iter``, a merged state plus one adapter) into ``merge/...``."""
         from ilora.merge import merge_adapters
 
@@ -205,8 +191,8 @@ class Experiment:
         self.models[name] = ModelSpec(merged=self.runner.folder(name) / "state")
 
     def stage_of(self, model: str) -> str:
-        """The stage that produced a model."""
-        return f"train/{model}" if self.models[model].adapter is not None else model
+        """The stage that produced a model: ``train/<name>`` for an adapter, the merge's own name otherwise."""
+        return f"train/{model}" if model in {job[0] for job in self.training_jobs()} else model
 
     def training_jobs(self) -> list[tuple]:
         """``(name, task games, loss weights, steps)`` of every adapter."""
@@ -220,36 +206,41 @@ class Experiment:
             jobs += [(f"ablation/{variant}/{g}", [g], {**PLAIN, **weights}, None) for g in self.cfg.ablations.games]
         return jobs
 
-    def run_training(self) -> None:
-        self.parallel("train", self.training_jobs())
-
-    def register_models(self) -> None:
-        """Fill ``self.models`` from finished training and merge stages (all cached)."""
-        for job in self.training_jobs():
-            self.train(*job)
-        self.run_merges()
-
-    def run_merges(self) -> None:
+    def merge_jobs(self) -> list[tuple]:
+        """``(name, input models, method, options)`` of every merge, each after the merges it reads."""
         m = self.cfg.merge
         routed = [f"routed/{g}" for g in self.cfg.games]
+        jobs: list[tuple] = []
         for method in m.methods:
-            options = {"keep": m.keep} if method == "ilora" else {}
-            self.merge(f"merge/{method}", routed, method, **options)
-        for keep in m.keep_sweep:
-            if keep != m.keep:
-                self.merge(f"keep/{keep:g}", routed, "ilora", keep=keep)
+            jobs.append((f"merge/{method}", routed, method, {"keep": m.keep} if method == "ilora" else {}))
+        jobs += [(f"keep/{keep:g}", routed, "ilora", {"keep": keep}) for keep in m.keep_sweep if keep != m.keep]
         if m.iterative:
             for order in [list(self.cfg.games)] + [list(o) for o in m.orders]:
                 tag = "-".join(order)
                 previous = f"routed/{order[0]}"
                 for k in range(2, len(order) + 1):
                     name = f"iter/{tag}/{k}"
-                    self.merge(name, [previous, f"routed/{order[k - 1]}"], "ilora", keep=m.keep)
+                    jobs.append((name, [previous, f"routed/{order[k - 1]}"], "ilora", {"keep": m.keep}))
                     previous = name
         pair = self.cfg.ablations.games
         variants = {"plain": "plain", "routed": "routed", **{v: f"ablation/{v}" for v in self.cfg.ablations.variants}}
         for variant, prefix in variants.items():
-            self.merge(f"ablation-merge/{variant}", [f"{prefix}/{g}" for g in pair], "ilora", keep=m.keep)
+            jobs.append((f"ablation-merge/{variant}", [f"{prefix}/{g}" for g in pair], "ilora", {"keep": m.keep}))
+        return jobs
+
+    def ensure(self, model: str) -> None:
+        """Register ``model`` (and the models it was merged from) from their finished, cached stages."""
+        if model in self.models:
+            return
+        for name, *rest in self.training_jobs():
+            if name == model:
+                return self.train(name, *rest)
+        for name, inputs, method, options in self.merge_jobs():
+            if name == model:
+                for source in inputs:
+                    self.ensure(source)
+                return self.merge(name, inputs, method, options)
+        raise KeyError(f"no model named {model!r} in this experiment")
 
     # -------------------------------------------------------------- evaluation
     def eval_plan(self) -> dict[str, list[str]]:
@@ -257,7 +248,7 @@ class Experiment:
         games = list(self.cfg.games)
         pair = list(self.cfg.ablations.games)
         plan: dict[str, list[str]] = {"base": games}
-        for name in self.models:
+        for name in [job[0] for job in self.training_jobs() + self.merge_jobs()]:
             if name.startswith(("ablation/", "ablation-merge/")):
                 plan[name] = pair
             elif name.startswith("iter/"):
@@ -288,13 +279,13 @@ class Experiment:
         """Play ``games`` with model ``name`` and score it (stage ``eval/<name>``)."""
         from ilora.experiment.evaluation import evaluate_model
 
-        if name != "base" and name not in self.models:
-            self.register_models()
+        if name != "base":
+            self.ensure(name)
         e = self.cfg.eval
         spec = self.models.get(name, ModelSpec())
         own_game = name.split("/")[1] if name.startswith(("plain/", "routed/")) else None
         blank = e.blank_check and name.startswith("routed/")
-        deps = ["base"] + ([self.stage_of(name)] if name in self.models else [])
+        deps = ["base"] + ([self.stage_of(name)] if name != "base" else [])
         deps += [f"data/{g}" for g in games] + ["data/general"]
 
         def run(folder: Path):
@@ -314,34 +305,121 @@ class Experiment:
         settings = {"eval": self.eval_settings(own_game is not None), "games": games, "blank": blank, "seed": self.cfg.seed}
         self.stage(f"eval/{name}", settings, run, deps)
 
-    def run_eval(self) -> None:
-        self.parallel("evaluate_reference", [(g,) for g in self.cfg.games])
-        self.parallel("evaluate", [(name, games) for name, games in self.eval_plan().items()])
-
-    def run_analysis(self) -> None:
+    def analyze(self, kind: str) -> None:
+        """LoRA activation norms of the first game's ``kind`` adapter on task, general and other-game rows."""
         from ilora.routing.analyze import analyze_activations
 
         n = self.cfg.eval.activation_rows
+        game, others = self.cfg.games[0], self.cfg.games[1:]
+        self.ensure(f"{kind}/{game}")
 
         def head(rows, k: int):
             return rows.select(range(min(k, len(rows))))
 
-        general = head(self.load_rows("data/general", "test"), n)
+        def run(folder: Path):
+            data = {
+                "task": head(self.load_rows(f"data/{game}", "heldout"), n),
+                "general": head(self.load_rows("data/general", "test"), n),
+                "other games": [r for g in others for r in head(self.load_rows(f"data/{g}", "heldout"), n // len(others))],
+            }
+            table = analyze_activations(self.base_path, self.models[f"{kind}/{game}"].adapter, data, folder / "out")
+            return {"table": table}
+
+        deps = ["base", f"train/{kind}/{game}", "data/general"] + [f"data/{g}" for g in self.cfg.games]
+        self.stage(f"analysis/{kind}/{game}", {"n": n}, run, deps)
+
+    # ------------------------------------------------------------- scheduling
+    def jobs(self) -> list[Job]:
+        """Every stage after ``base`` as a job: what it reads, its tier and its estimated cost."""
+        t, e, games = self.cfg.train, self.cfg.eval, self.cfg.games
+        data = [f"data/{g}" for g in games] + ["data/general"]
+        jobs = [Job(f"data/{g}", "collect", (g,), tier=0, cost=60) for g in games]
+        jobs.append(Job("data/general", "general_data", tier=0, cost=20))
+        for name, task, weights, steps in self.training_jobs():
+            rows = (steps or t.max_steps) * t.batch_size
+            if weights != PLAIN and t.match_task_rows:
+                rows *= 1 + t.general_share
+            jobs.append(Job(f"train/{name}", "train", (name, task, weights, steps), tuple(data), 1, rows * TRAIN_ROW_SECONDS))
+        for name, inputs, method, options in self.merge_jobs():
+            jobs.append(Job(name, "merge", (name, inputs, method, options), tuple(self.stage_of(m) for m in inputs), local=True))
+        episode_steps = e.max_frames / DEFAULT_FRAME_SKIP
+        for g in games:
+            jobs.append(Job(f"eval/reference/{g}", "evaluate_reference", (g,), (), 2, 2 * own_episodes(e) * episode_steps * 0.002))
+        for name, played in self.eval_plan().items():
+            own = name.startswith(("plain/", "routed/"))
+            episodes = e.episodes * len(played) + (own_episodes(e) - e.episodes if own else 0)
+            episodes += e.episodes if own and e.blank_check and name.startswith("routed/") else 0
+            deps = tuple(data) + (() if name == "base" else (self.stage_of(name),))
+            cost = episodes * episode_steps * AGENT_STEP_SECONDS
+            jobs.append(Job(f"eval/{name}", "evaluate", (name, played), deps, 3, cost))
         for kind in ("plain", "routed"):
-            game = self.cfg.games[0]
-            others = [g for g in self.cfg.games if g != game]
+            model = f"train/{kind}/{games[0]}"
+            jobs.append(Job(f"analysis/{kind}/{games[0]}", "analyze", (kind,), (model, *data), 4, 5, local=True))
+        return jobs
 
-            def run(folder: Path, kind=kind, game=game, others=others):
-                data = {
-                    "task": head(self.load_rows(f"data/{game}", "heldout"), n),
-                    "general": general,
-                    "other games": [r for g in others for r in head(self.load_rows(f"data/{g}", "heldout"), n // len(others))],
-                }
-                table = analyze_activations(self.base_path, self.models[f"{kind}/{game}"].adapter, data, folder / "out")
-                return {"table": table}
+    def run_jobs(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` in dependency order: cached stages are only registered, the others computed
+        (by ``self.workers`` processes, or here when 1 or when the job is local)."""
+        schedule = Schedule(jobs)
+        start = time.time()
+        pool = None
+        running: dict[Future, Job] = {}
+        try:
+            while not schedule.finished:
+                started = False
+                for job in schedule.ready():
+                    if self._registered(job):
+                        schedule.finish(job, computed=False)
+                    elif job.local or self.workers <= 1:
+                        self._call(job)
+                        schedule.finish(job)
+                        self._progress(schedule, start)
+                    elif len(running) < self.workers:
+                        if pool is None:
+                            import multiprocessing
 
-            deps = ["base", f"train/{kind}/{game}", "data/general"] + [f"data/{g}" for g in self.cfg.games]
-            self.stage(f"analysis/{kind}/{game}", {"n": n}, run, deps)
+                            pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                        schedule.start(job)
+                        running[pool.submit(_run_job, self.cfg, self.runner.force, self.runner.redone, job)] = job
+                    else:
+                        continue
+                    started = True
+                if not running:
+                    if not started:
+                        raise RuntimeError(f"no stage can start; waiting: {sorted(set(schedule.jobs) - schedule.done)}")
+                    continue
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    future.result()  # a worker's error stops the run here, with its traceback
+                    self.runner.redone.add(job.key)
+                    if not self._registered(job):
+                        raise RuntimeError(f"stage {job.key} finished in a worker but its record does not match")
+                    schedule.finish(job)
+                    self._progress(schedule, start)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _call(self, job: Job) -> None:
+        getattr(self, job.method)(*job.args)
+
+    def _registered(self, job: Job) -> bool:
+        """Re-enter ``job`` without computing: True (and its model registered) when its stage is cached."""
+        self.runner.compute = False
+        try:
+            self._call(job)
+            return True
+        except StageNotCached:
+            return False
+        finally:
+            self.runner.compute = True
+
+    def _progress(self, schedule: Schedule, start: float) -> None:
+        elapsed = time.time() - start
+        eta = schedule.eta_seconds(elapsed)
+        left = f", about {eta / 60:.0f} min left" if eta is not None else ""
+        self.log(f"[{elapsed / 60:5.1f} min] {len(schedule.done)}/{len(schedule.jobs)} stages done{left}")
 
     def run_report(self) -> Path:
         from ilora.experiment.report import write_report
@@ -358,11 +436,7 @@ class Experiment:
 
             torch.set_num_threads(self.cfg.threads)
         self.run_base()
-        self.run_data()
-        self.run_training()
-        self.run_merges()
-        self.run_eval()
-        self.run_analysis()
+        self.run_jobs(self.jobs())
         return self.run_report()
 
 
@@ -377,14 +451,19 @@ def task_matched_steps(steps: int, n_task: int, n_general: int) -> int:
     return math.ceil(steps * (n_task + n_general) / n_task)
 
 
-def _run_job(args: tuple) -> None:
-    """Worker-process entry of ``Experiment.parallel``."""
-    config, force, method, job = args
+def _run_job(config: ExperimentConfig, force: tuple[str, ...], redone: set[str], job: Job) -> None:
+    """Worker-process entry of :meth:`Experiment.run_jobs`: compute one job's stage.
+
+    ``redone`` names the stages already recomputed in this run, so that a forced prefix does not
+    make the worker redo the stages this job reads (they are only re-entered to load their models).
+    """
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
-    getattr(Experiment(config, force, workers=1), method)(*job)
+    experiment = Experiment(config, force, workers=1)
+    experiment.runner.redone |= redone
+    experiment._call(job)
 
 
 def run_experiment(config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print) -> Path:

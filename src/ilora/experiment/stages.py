@@ -25,6 +25,10 @@ from ilora.fileio import atomic_dir
 RECORD = "stage.json"
 
 
+class StageNotCached(Exception):
+    """Raised by :meth:`StageRunner.run` in check-only mode for a stage that would have to run."""
+
+
 def config_hash(obj: Any) -> str:
     """A stable hash of JSON-able data; dataclasses anywhere inside count by their fields
     (not by their repr, which would drop ``repr=False`` fields and change with formatting)."""
@@ -40,12 +44,16 @@ class StageRunner:
         run_dir: the experiment's folder; each stage writes under ``run_dir / name``.
         force: stage-name prefixes to redo even when cached (``"train"`` redoes every training).
         log: where progress lines go (``print`` by default).
+        compute: when False, a stage that is not cached raises :class:`StageNotCached` instead of
+            running (the scheduler asks this before sending a stage to a worker process).
     """
 
     run_dir: Path
     force: tuple[str, ...] = ()
     log: Callable[[str], None] = print
+    compute: bool = True
     ran: list[str] = field(default_factory=list)
+    redone: set[str] = field(default_factory=set)  # computed in this session (here or by a worker): not forced again
     skipped: list[str] = field(default_factory=list)
     _fingerprints: dict[str, str] = field(default_factory=dict)
     _started: float = field(default_factory=time.time)
@@ -63,6 +71,8 @@ class StageRunner:
         return self._fingerprints[name]
 
     def is_forced(self, name: str) -> bool:
+        if name in self.redone:
+            return False
         return any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
 
     def run(self, name: str, config: Any, fn: Callable[[Path], Any], deps: Iterable[str] = ()) -> Path:
@@ -89,6 +99,8 @@ class StageRunner:
                 self._fingerprints[name] = saved["fingerprint"]
                 self.skipped.append(name)
                 return out
+        if not self.compute:
+            raise StageNotCached(name)
         elapsed = time.time() - self._started
         self.log(f"[{elapsed:7.1f}s] stage {name} ...")
         t0 = time.time()
@@ -111,6 +123,7 @@ class StageRunner:
             )
         self._fingerprints[name] = fingerprint
         self.ran.append(name)
+        self.redone.add(name)
         self.log(f"[{time.time() - self._started:7.1f}s] stage {name} done in {time.time() - t0:.1f}s")
         return out
 
