@@ -68,9 +68,9 @@ def test_adapter_is_merged_without_changing_the_scores(tiny_vlm, tiny_vlm_dir, t
     plain = VLMAgent(tiny_vlm[0], processor, "Pong")
     observations = _two_observations()
     with torch.inference_mode():
-        got = merged.score_actions(merged._encode(observations))
-        want = unmerged.score_actions(unmerged._encode(observations))
-        untouched = plain.score_actions(plain._encode(observations))
+        got = merged.score_actions(merged._encode(merged.rows(observations)))
+        want = unmerged.score_actions(unmerged._encode(unmerged.rows(observations)))
+        untouched = plain.score_actions(plain._encode(plain.rows(observations)))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert (got - untouched).abs().max() > 1e-3  # the adapter really changes the model
 

@@ -103,8 +103,16 @@ def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Read a YAML preset into dataclass ``cls``, applying ``--set`` overrides."""
+def read_yaml_mapping(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML preset as a mapping, with ``extends: OTHER.yaml`` resolved.
+
+    ``extends`` names another preset (relative to this file's folder) whose keys this one
+    updates as :func:`deep_update` does: a preset states only how it differs from its parent.
+
+    Raises:
+        IloraError: The file (or one it extends) is missing, not YAML, not a mapping, or the
+            ``extends`` chain loops; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise IloraError(f"{path}: config file not found")
@@ -114,6 +122,20 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
         raise IloraError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise IloraError(f"{path}: expected a YAML mapping at the top level")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise IloraError(f"{path}: 'extends' must name one YAML file, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _seen or parent_path == path.resolve():
+        raise IloraError(f"{path}: 'extends: {parent}' loops back to a file already in the chain")
+    return deep_update(read_yaml_mapping(parent_path, (*_seen, path.resolve())), data)
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read a YAML preset (see :func:`read_yaml_mapping`) into dataclass ``cls``, applying ``--set`` overrides."""
+    data = read_yaml_mapping(path)
     return from_dict(cls, deep_update(data, parse_overrides(overrides)), str(path))
 
 

@@ -306,24 +306,27 @@ class VLMAgent:
             out["pixel_values"] = out["pixel_values"].to(self.dtype)
         return out
 
-    def _encode(self, observations: Sequence[Observation]) -> dict[str, torch.Tensor]:
+    def _encode(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
-        batch = encode_rows(self.processor, self.rows(observations), with_answer=False, padding_side="left")
-        batch = self._to_model(batch)
+        batch = self._to_model(encode_rows(self.processor, rows, with_answer=False, padding_side="left"))
         self.encode_seconds += time.perf_counter() - start
         return batch
 
     def score_observations(self, observations: Sequence[Observation]) -> torch.Tensor:
         """``[batch, n_actions]`` answer log-likelihoods (score mode), with the prefix cache when on."""
+        return self.score_rows(self.rows(observations))
+
+    def score_rows(self, rows: Sequence[dict]) -> torch.Tensor:
+        """``[batch, n_actions]`` answer log-likelihoods of prepared rows (``images``, ``context``,
+        ``prompt``), with the prefix cache when on."""
         if not self.prefix_cache:
-            return self.score_actions(self._encode(observations))
+            return self.score_actions(self._encode(rows))
         start = time.perf_counter()
-        rows = self.rows(observations)
         if self._prefix is None:
             prefix = PromptPrefix.build(self.model, self.processor, rows[0])
             if isinstance(prefix, str):  # the fast encoding is not exact for this processor
                 self.prefix_cache, self.prefix_cache_off = False, prefix
-                return self.score_actions(self._encode(observations))
+                return self.score_rows(rows)
             self._prefix = prefix
             start = time.perf_counter()
         batch = self._to_model(self._prefix.encode(rows))
@@ -345,9 +348,21 @@ class VLMAgent:
                 names = [self.action_names[i] for i in best]
                 decisions = [AgentDecision(name, build_answer(None, name), True) for name in names]
             else:
-                decisions = [self._parse(text) for text in self.generate_answers(self._encode(observations))]
+                decisions = [self._parse(text) for text in self.generate_answers(self._encode(self.rows(observations)))]
         self.model_seconds += time.perf_counter() - start
         return decisions
+
+    def choose_for_rows(self, rows: Sequence[dict], batch_size: int = 32) -> list[str]:
+        """Score mode: the action the agent picks for each prepared row (a dataset row, e.g. a
+        held-out expert step), by the same scoring as in play."""
+        if self.mode != "score":
+            raise IloraError("choose_for_rows ranks direct answers: it needs an agent in score mode")
+        picks: list[str] = []
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                best = self.score_rows(rows[start : start + batch_size]).argmax(-1).tolist()
+                picks += [self.action_names[i] for i in best]
+        return picks
 
     def __call__(self, observation: Observation) -> AgentDecision:
         """The plain :class:`~ilora.atari.experts.Policy` interface (a batch of one)."""

@@ -165,28 +165,37 @@ class FreewayExpert(ScriptedExpert):
 
 
 class BoxingExpert(ScriptedExpert):
-    """Lines a glove up with the opponent at punching distance, then punches (FIRE)."""
+    """Presses toward the opponent, lining a glove up with it; punches as a glove comes in line.
+
+    Chosen from the three relations of the object text alone (side, vertical; distance is not
+    needed), so a cloned agent sees everything it acts on. Measured in a sweep of 24 such
+    mappings on held-apart seeds, then on 16 evaluation episodes of 2,000 frames (sticky actions):
+    stepping toward the opponent pins it against the ropes (the largest gain); with a glove in
+    line, punching while moving away from that glove (top glove -> DOWNFIRE, bottom -> UPFIRE)
+    lands more than a still punch; punching at any other time draws counter-punches. It kept its
+    score with 5% and 10% of its actions replaced at random, which a clone's errors resemble.
+    """
 
     game_name = "Boxing"
-    # Vertical word -> (move, why); the glove words need no vertical move.
-    VERTICAL_MOVES = {
-        "above": ("UP", "move up to line a glove up with the opponent"),
-        "high centre": ("DOWN", "move down so my top glove lines up"),
-        "low centre": ("UP", "move up so my bottom glove lines up"),
-        "below": ("DOWN", "move down to line a glove up with the opponent"),
+    # Vertical word -> (vertical part of the action, fires, why).
+    PLAN = {
+        "above": ("UP", False, "move up to bring a glove in line"),
+        "top glove": ("DOWN", True, "punch with the top glove while slipping down"),
+        "high centre": ("DOWN", False, "move down so my top glove lines up"),
+        "low centre": ("UP", False, "move up so my bottom glove lines up"),
+        "bottom glove": ("UP", True, "punch with the bottom glove while slipping up"),
+        "below": ("DOWN", False, "move down to bring a glove in line"),
     }
 
     def act(self, facts: ObjectFacts) -> Decision:
         side, distance, vertical = (facts.relations[k] for k in ("side", "distance", "vertical"))
         scene = f"The opponent is to my {side}, {distance}; {BOXING_VERTICAL[vertical].replace('your', 'my')}."
-        move, why = self.VERTICAL_MOVES.get(vertical, ("", ""))
-        if distance == "in reach" and not move:
-            return Decision("FIRE", f"{scene} A punch lands from here and scores a point, so I punch.")
-        reasons = [why] if why else []
-        if distance == "far":
-            reasons.append(f"step {side} to get within reach")
-        action = move + (side.upper() if distance == "far" else "")
-        return Decision(action, f"{scene} Punches land only from reach with a glove in line, so I {' and '.join(reasons)}.")
+        move, fire, why = self.PLAN[vertical]
+        if fire:
+            return Decision(move + "FIRE", f"{scene} A glove is in line, so I {why}.")
+        return Decision(
+            move + side.upper(), f"{scene} I {why} and step {side} to keep the opponent pinned near the ropes."
+        )
 
 
 EXPERTS: dict[str, Callable[[], ScriptedExpert]] = {

@@ -75,7 +75,9 @@ def evaluate_reference(game: str, e: EvalSettings, seed: int, folder: Path) -> d
 
 
 def action_agreement(model, processor, rows, n: int, reasoning: bool) -> dict:
-    """Share of held-out expert rows where the model's greedy answer names the expert's action."""
+    """Share of held-out expert rows where the model picks the expert's action: by the play-time
+    scoring of direct answers, or (reasoning answers) by the action its greedy answer names."""
+    from ilora.atari.agent import VLMAgent
     from ilora.atari.games import get_game
     from ilora.atari.prompts import parse_action
     from ilora.models.predict import generate_answers
@@ -83,9 +85,13 @@ def action_agreement(model, processor, rows, n: int, reasoning: bool) -> dict:
     rows = [rows[i] for i in range(min(n, len(rows)))]
     if not rows:
         return {"n": 0, "agreement": None}
-    names = get_game(rows[0]["game"]).action_names
-    answers = generate_answers(model, processor, rows, max_new_tokens=96 if reasoning else 4)
-    hits = [parse_action(a, names) == r["action"] for a, r in zip(answers, rows)]
+    game = rows[0]["game"]
+    if reasoning:
+        names = get_game(game).action_names
+        picks = [parse_action(a, names) for a in generate_answers(model, processor, rows, max_new_tokens=96)]
+    else:
+        picks = VLMAgent(model, processor, game, mode="score").choose_for_rows(rows)
+    hits = [pick == r["action"] for pick, r in zip(picks, rows)]
     return {"n": len(rows), "agreement": sum(hits) / len(hits)}
 
 

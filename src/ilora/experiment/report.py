@@ -341,7 +341,11 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     md += [f"Loss ablations on {pair[0]} + {pair[1]}: own-game gap closed, damage to the other game "
            "(mean score change vs the base model; 0 = none), and retention after the I-LoRA merge of the pair.", "",
            table(["variant", "eps_kl", "eps_norm", *[f"gap {g}" for g in pair],
-                  f"{pair[0]} adapter on {pair[1]}", f"{pair[1]} adapter on {pair[0]}", *[f"merged: {g}" for g in pair]], rows), ""]
+                  f"{pair[0]} adapter on {pair[1]}", f"{pair[1]} adapter on {pair[0]}", *[f"merged: {g}" for g in pair]], rows), "",
+           "`routed` is this run's loss weights (`train.eps_kl`, `train.eps_norm`); every other row differs from it only in "
+           "the weights shown." if cfg.ablations.variants else
+           "This run has no loss-ablation variants (`ablations.variants`); `configs/ablations.yaml` adds KL only, norm "
+           "only and the eps sweep to the default run.", ""]
 
     # Do the models read the images?
     rows = []
