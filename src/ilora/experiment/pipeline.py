@@ -28,7 +28,15 @@ from ilora.atari.games import DEFAULT_FRAME_SKIP
 from ilora.config import to_dict
 from ilora.experiment.config import ExperimentConfig
 from ilora.experiment.evaluation import own_episodes
-from ilora.experiment.schedule import AGENT_STEP_SECONDS, TRAIN_ROW_SECONDS, Job, Schedule
+from ilora.experiment.schedule import (
+    AGENT_STEP_SECONDS,
+    GENERAL_ROW_SECONDS,
+    ROUTED_COST_FACTOR,
+    SCRIPTED_STEP_SECONDS,
+    TRAIN_ROW_SECONDS,
+    Job,
+    Schedule,
+)
 from ilora.experiment.stages import StageNotCached, StageRunner
 from ilora.fileio import file_sha256
 
@@ -52,9 +60,11 @@ class Experiment:
     """Runs the stages of one experiment config in its run folder."""
 
     def __init__(
-        self, config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print, workers: int | None = None
+        self, config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] | None = None,
+        workers: int | None = None,
     ):
         self.cfg = config
+        log = log or print_now  # worker processes print to a pipe or file too: flush every line
         self.runner = StageRunner(Path(config.run_dir), force=force, log=log)
         self.log = log
         self.workers = config.workers if workers is None else workers
@@ -333,18 +343,20 @@ class Experiment:
         """Every stage after ``base`` as a job: what it reads, its tier and its estimated cost."""
         t, e, games = self.cfg.train, self.cfg.eval, self.cfg.games
         data = [f"data/{g}" for g in games] + ["data/general"]
-        jobs = [Job(f"data/{g}", "collect", (g,), tier=0, cost=60) for g in games]
-        jobs.append(Job("data/general", "general_data", tier=0, cost=20))
+        d = self.cfg.data
+        collect = (d.episodes + d.heldout_episodes) * d.max_steps * SCRIPTED_STEP_SECONDS
+        jobs = [Job(f"data/{g}", "collect", (g,), tier=0, cost=collect) for g in games]
+        jobs.append(Job("data/general", "general_data", tier=0, cost=(d.general_rows + d.general_eval_rows) * GENERAL_ROW_SECONDS))
         for name, task, weights, steps in self.training_jobs():
-            rows = (steps or t.max_steps) * t.batch_size
-            if weights != PLAIN and t.match_task_rows:
-                rows *= 1 + t.general_share
-            jobs.append(Job(f"train/{name}", "train", (name, task, weights, steps), tuple(data), 1, rows * TRAIN_ROW_SECONDS))
+            cost = (steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS
+            if weights != PLAIN:
+                cost *= ROUTED_COST_FACTOR
+            jobs.append(Job(f"train/{name}", "train", (name, task, weights, steps), tuple(data), 1, cost))
         for name, inputs, method, options in self.merge_jobs():
             jobs.append(Job(name, "merge", (name, inputs, method, options), tuple(self.stage_of(m) for m in inputs), local=True))
         episode_steps = e.max_frames / DEFAULT_FRAME_SKIP
         for g in games:
-            jobs.append(Job(f"eval/reference/{g}", "evaluate_reference", (g,), (), 2, 2 * own_episodes(e) * episode_steps * 0.002))
+            jobs.append(Job(f"eval/reference/{g}", "evaluate_reference", (g,), (), 2, 2 * own_episodes(e) * episode_steps * SCRIPTED_STEP_SECONDS))
         for name, played in self.eval_plan().items():
             own = name.startswith(("plain/", "routed/"))
             episodes = e.episodes * len(played) + (own_episodes(e) - e.episodes if own else 0)
@@ -466,6 +478,11 @@ def _run_job(config: ExperimentConfig, force: tuple[str, ...], redone: set[str],
     experiment._call(job)
 
 
-def run_experiment(config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print) -> Path:
+def print_now(line: str) -> None:
+    """The default progress log: ``print``, flushed."""
+    print(line, flush=True)
+
+
+def run_experiment(config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print_now) -> Path:
     """Run (or resume) the experiment; returns the path of its ``REPORT.md``."""
     return Experiment(config, force, log).run()

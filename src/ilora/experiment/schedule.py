@@ -14,11 +14,16 @@ from dataclasses import dataclass
 
 from ilora.errors import IloraError
 
-# Rough single-core seconds of the tiny default model on the 2-core CPU, measured on the
-# default run (plain adapter: 4,000 rows in 92 s; play: ~90 agent steps/s). They order jobs
-# and scale the ETA; the ETA itself is rescaled by the throughput seen so far.
+# Rough single-core seconds on the 2-core CPU, measured on the default run (plain adapter:
+# 4,000 rows in 92 s, a routed one 2.2x that: more steps, general rows with a KL forward;
+# play: ~90 agent steps/s; expert collection and random/expert play: 7,500 steps in 15 s and
+# 8,000 in 9 s; 3,300 general rows in 18 s). They order jobs and scale the ETA; the ETA
+# itself is rescaled by the throughput seen so far.
 TRAIN_ROW_SECONDS = 0.023
+ROUTED_COST_FACTOR = 2.2
 AGENT_STEP_SECONDS = 0.011
+SCRIPTED_STEP_SECONDS = 0.0015
+GENERAL_ROW_SECONDS = 0.006
 
 
 @dataclass(frozen=True)
