@@ -282,7 +282,9 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     ag_rows = [[m, *[fmt((res.evals(m) or {}).get("agreement", {}).get(g, {}).get("agreement")) for g in games]]
                for m in ["base", *[f"plain/{g}" for g in games], *[f"routed/{g}" for g in games], "joint", *merge_models]]
     md += ["### Offline agreement with held-out expert actions", "",
-           "A cheap second metric; it did not predict play in earlier measurements, so it ranks nothing on its own.", "",
+           "Share of held-out expert steps where the model picks the expert's action, by the same scoring it plays "
+           "with. A cheap second metric on the expert's own states: it does not see where the model's own play "
+           "leads, and it did not predict play in earlier measurements, so it ranks nothing on its own.", "",
            table(["model", *games], ag_rows), ""]
 
     # Table 5: iterative merging and order.
