@@ -24,7 +24,9 @@ def test_extends_updates_the_parent_key_by_key(tmp_path):
     child = write(tmp_path / "sub" / "child.yaml",
                   "extends: ../parent.yaml\ntrain: {max_steps: 20}\nablations: {variants: {kl: {eps_kl: 1.0}}}\n")
     data = read_yaml_mapping(child)
-    assert data == {"seed": 1, "train": {"max_steps": 20, "batch_size": 4}, "ablations": {"variants": {"kl": {"eps_kl": 1.0}}}}
+    assert data == {
+        "seed": 1, "train": {"max_steps": 20, "batch_size": 4}, "ablations": {"variants": {"kl": {"eps_kl": 1.0}}}
+    }
     config = load_yaml(ExperimentConfig, child, ["seed=3"])
     assert (config.seed, config.train.max_steps, config.train.batch_size) == (3, 20, 4)
 

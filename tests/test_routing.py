@@ -207,16 +207,17 @@ def test_routing_separation_with_crafted_batches(vlm, tmp_path):
             return trainer.routing_terms(trainer.model, collate(rows))
 
     # All rows run in one forward, so other rows can only change the padded batch shape: with
-    # the same shapes the terms are bitwise equal, with other shapes equal up to rounding.
+    # the same shapes the terms are bitwise equal, with other shapes equal up to float32 rounding
+    # (a few ulps per op: 4e-6 relative seen once the tokenizer's vocabulary changed).
     a, b, b_same = terms(t1 + g1), terms(t1 + g2), terms(t1 + g3)
     assert torch.equal(a["lm"], b_same["lm"])  # general rows never enter the LM loss
-    torch.testing.assert_close(a["lm"], b["lm"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(a["lm"], b["lm"], rtol=2e-5, atol=0)
     assert not torch.equal(a["kl"], b["kl"]) and not torch.equal(a["norm"], b["norm"])
     assert not torch.equal(a["kl"], b_same["kl"]) and not torch.equal(a["norm"], b_same["norm"])
     c, c_same = terms(t2 + g1), terms(t3 + g1)
     assert torch.equal(a["kl"], c_same["kl"]) and torch.equal(a["norm"], c_same["norm"])  # task rows never enter KL/norm
     for name in ("kl", "norm"):
-        torch.testing.assert_close(a[name], c[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(a[name], c[name], rtol=2e-5, atol=0)
     assert not torch.equal(a["lm"], c["lm"]) and not torch.equal(a["lm"], c_same["lm"])
     assert set(terms(t1)) == {"lm"} and set(terms(g1)) == {"kl", "norm"}  # missing rows: term skipped
     assert all(torch.isfinite(v) for v in terms(g1).values())

@@ -341,32 +341,32 @@ class Experiment:
     # ------------------------------------------------------------- scheduling
     def jobs(self) -> list[Job]:
         """Every stage after ``base`` as a job: what it reads, its tier and its estimated cost."""
-        t, e, games = self.cfg.train, self.cfg.eval, self.cfg.games
-        data = [f"data/{g}" for g in games] + ["data/general"]
-        d = self.cfg.data
+        d, t, e, games = self.cfg.data, self.cfg.train, self.cfg.eval, self.cfg.games
+        data = (*[f"data/{g}" for g in games], "data/general")
         collect = (d.episodes + d.heldout_episodes) * d.max_steps * SCRIPTED_STEP_SECONDS
         jobs = [Job(f"data/{g}", "collect", (g,), tier=0, cost=collect) for g in games]
-        jobs.append(Job("data/general", "general_data", tier=0, cost=(d.general_rows + d.general_eval_rows) * GENERAL_ROW_SECONDS))
+        general_rows = d.general_rows + d.general_eval_rows
+        jobs.append(Job("data/general", "general_data", tier=0, cost=general_rows * GENERAL_ROW_SECONDS))
         for name, task, weights, steps in self.training_jobs():
             cost = (steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS
-            if weights != PLAIN:
-                cost *= ROUTED_COST_FACTOR
-            jobs.append(Job(f"train/{name}", "train", (name, task, weights, steps), tuple(data), 1, cost))
+            cost *= ROUTED_COST_FACTOR if weights != PLAIN else 1
+            jobs.append(Job(f"train/{name}", "train", (name, task, weights, steps), data, tier=1, cost=cost))
         for name, inputs, method, options in self.merge_jobs():
-            jobs.append(Job(name, "merge", (name, inputs, method, options), tuple(self.stage_of(m) for m in inputs), local=True))
+            deps = tuple(self.stage_of(m) for m in inputs)
+            jobs.append(Job(name, "merge", (name, inputs, method, options), deps, local=True))
         episode_steps = e.max_frames / DEFAULT_FRAME_SKIP
-        for g in games:
-            jobs.append(Job(f"eval/reference/{g}", "evaluate_reference", (g,), (), 2, 2 * own_episodes(e) * episode_steps * SCRIPTED_STEP_SECONDS))
+        reference = 2 * own_episodes(e) * episode_steps * SCRIPTED_STEP_SECONDS  # random and expert
+        jobs += [Job(f"eval/reference/{g}", "evaluate_reference", (g,), tier=2, cost=reference) for g in games]
         for name, played in self.eval_plan().items():
             own = name.startswith(("plain/", "routed/"))
             episodes = e.episodes * len(played) + (own_episodes(e) - e.episodes if own else 0)
             episodes += e.episodes if own and e.blank_check and name.startswith("routed/") else 0
-            deps = tuple(data) + (() if name == "base" else (self.stage_of(name),))
+            deps = data + (() if name == "base" else (self.stage_of(name),))
             cost = episodes * episode_steps * AGENT_STEP_SECONDS
-            jobs.append(Job(f"eval/{name}", "evaluate", (name, played), deps, 3, cost))
+            jobs.append(Job(f"eval/{name}", "evaluate", (name, played), deps, tier=3, cost=cost))
         for kind in ("plain", "routed"):
-            model = f"train/{kind}/{games[0]}"
-            jobs.append(Job(f"analysis/{kind}/{games[0]}", "analyze", (kind,), (model, *data), 4, 5, local=True))
+            deps = (f"train/{kind}/{games[0]}", *data)
+            jobs.append(Job(f"analysis/{kind}/{games[0]}", "analyze", (kind,), deps, tier=4, cost=5, local=True))
         return jobs
 
     def run_jobs(self, jobs: list[Job]) -> None:
@@ -483,6 +483,8 @@ def print_now(line: str) -> None:
     print(line, flush=True)
 
 
-def run_experiment(config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print_now) -> Path:
+def run_experiment(
+    config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print_now
+) -> Path:
     """Run (or resume) the experiment; returns the path of its ``REPORT.md``."""
     return Experiment(config, force, log).run()
