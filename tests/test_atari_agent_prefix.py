@@ -14,7 +14,6 @@ from ilora.atari.agent import PromptPrefix, VLMAgent
 from ilora.atari.collect import collect_dataset
 from ilora.atari.envs import TwoFrameEnv
 from ilora.atari.prompts import build_context, build_prompt, build_step_prompt
-from ilora.errors import IloraError
 from ilora.models.inputs import encode_row
 
 
@@ -143,18 +142,20 @@ def test_collected_rows_have_the_agents_layout(tiny_vlm):
     assert "Relations: " in ds[0]["prompt"] and ds[0]["prompt"].endswith(build_step_prompt(reasoning=False))
 
 
-def test_choices_for_dataset_rows_are_the_play_choices(tiny_vlm):
-    """Offline agreement ranks held-out rows as play ranks observations: same choices, cache or not,
-    whatever the chunking."""
+def test_decisions_for_dataset_rows_are_the_play_decisions(tiny_vlm):
+    """Offline agreement decides on held-out rows as play decides on observations: same choices,
+    cache or not, whatever the chunking; generate mode decides on rows too."""
     model, processor = tiny_vlm
     observations = spread_observations(5, "Pong")
     cached = VLMAgent(model, processor, "Pong", object_text=True)
     full = VLMAgent(model, processor, "Pong", object_text=True, prefix_cache=False)
-    played = [d.action for d in cached.act_batch(observations)]
-    assert cached.choose_for_rows(cached.rows(observations), batch_size=2) == played
-    assert full.choose_for_rows(full.rows(observations)) == played
-    rows = collect_dataset("Pong", 1, seed=0, max_steps=6, object_text=True)
-    rows = [rows[i] for i in range(len(rows))]
-    assert VLMAgent(model, processor, "Pong", object_text=True).choose_for_rows(rows, batch_size=4) == full.choose_for_rows(rows)
-    with pytest.raises(IloraError, match="score mode"):
-        VLMAgent(model, processor, "Pong", mode="generate").choose_for_rows(rows)
+    played = cached.act_batch(observations)
+    assert cached.decide_rows(cached.rows(observations), batch_size=2) == played
+    assert full.decide_rows(full.rows(observations)) == played
+    rows = collect_dataset("Pong", 1, seed=0, max_steps=40, object_text=True)
+    rows = [rows[i] for i in range(min(6, len(rows)))]
+    assert len(rows) == 6
+    assert VLMAgent(model, processor, "Pong", object_text=True).decide_rows(rows, batch_size=4) == full.decide_rows(rows)
+    generating = VLMAgent(model, processor, "Pong", mode="generate", object_text=True, max_new_tokens=4)
+    decisions = generating.decide_rows(rows[:3], batch_size=2)
+    assert len(decisions) == 3 and all(d.action in generating.action_names for d in decisions)

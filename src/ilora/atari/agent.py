@@ -343,26 +343,22 @@ class VLMAgent:
             return []
         start = time.perf_counter()
         with torch.inference_mode():
-            if self.mode == "score":
-                best = self.score_observations(observations).argmax(-1).tolist()
-                names = [self.action_names[i] for i in best]
-                decisions = [AgentDecision(name, build_answer(None, name), True) for name in names]
-            else:
-                decisions = [self._parse(text) for text in self.generate_answers(self._encode(self.rows(observations)))]
+            decisions = self._decide(self.rows(observations))
         self.model_seconds += time.perf_counter() - start
         return decisions
 
-    def choose_for_rows(self, rows: Sequence[dict], batch_size: int = 32) -> list[str]:
-        """Score mode: the action the agent picks for each prepared row (a dataset row, e.g. a
-        held-out expert step), by the same scoring as in play."""
-        if self.mode != "score":
-            raise IloraError("choose_for_rows ranks direct answers: it needs an agent in score mode")
-        picks: list[str] = []
+    def decide_rows(self, rows: Sequence[dict], batch_size: int = 32) -> list[AgentDecision]:
+        """The decision the agent takes on each prepared row (a dataset row, e.g. a held-out
+        expert step: ``images``, ``context``, ``prompt``), as in play, ``batch_size`` rows per call."""
         with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                best = self.score_rows(rows[start : start + batch_size]).argmax(-1).tolist()
-                picks += [self.action_names[i] for i in best]
-        return picks
+            chunks = [self._decide(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+        return [decision for chunk in chunks for decision in chunk]
+
+    def _decide(self, rows: Sequence[dict]) -> list[AgentDecision]:
+        if self.mode == "score":
+            names = [self.action_names[i] for i in self.score_rows(rows).argmax(-1).tolist()]
+            return [AgentDecision(name, build_answer(None, name), True) for name in names]
+        return [self._parse(text) for text in self.generate_answers(self._encode(rows))]
 
     def __call__(self, observation: Observation) -> AgentDecision:
         """The plain :class:`~ilora.atari.experts.Policy` interface (a batch of one)."""

@@ -74,24 +74,14 @@ def evaluate_reference(game: str, e: EvalSettings, seed: int, folder: Path) -> d
     }
 
 
-def action_agreement(model, processor, rows, n: int, reasoning: bool) -> dict:
-    """Share of held-out expert rows where the model picks the expert's action: by the play-time
-    scoring of direct answers, or (reasoning answers) by the action its greedy answer names."""
-    from ilora.atari.agent import VLMAgent
-    from ilora.atari.games import get_game
-    from ilora.atari.prompts import parse_action
-    from ilora.models.predict import generate_answers
-
+def action_agreement(agent, rows, n: int) -> dict:
+    """Share of the first ``n`` held-out expert rows where ``agent`` (a
+    :class:`~ilora.atari.agent.VLMAgent`) takes the expert's action, deciding as it does in play
+    (an unparsed answer counts as a miss)."""
     rows = [rows[i] for i in range(min(n, len(rows)))]
     if not rows:
         return {"n": 0, "agreement": None}
-    game = rows[0]["game"]
-    if reasoning:
-        names = get_game(game).action_names
-        picks = [parse_action(a, names) for a in generate_answers(model, processor, rows, max_new_tokens=96)]
-    else:
-        picks = VLMAgent(model, processor, game, mode="score").choose_for_rows(rows)
-    hits = [pick == r["action"] for pick, r in zip(picks, rows)]
+    hits = [d.valid and d.action == r["action"] for d, r in zip(agent.decide_rows(rows), rows)]
     return {"n": len(rows), "agreement": sum(hits) / len(hits)}
 
 
@@ -133,7 +123,7 @@ def evaluate_model(
         if own and blank_check:
             # A check of whether the images matter, not a retention denominator: e.episodes suffice.
             out["blank"][game] = play(agent, game, e, cfg.seed, folder, f"{game}-blank", blank=True)
-        out["agreement"][game] = action_agreement(model, processor, heldout[game], e.agreement_rows, cfg.data.reasoning)
+        out["agreement"][game] = action_agreement(agent, heldout[game], e.agreement_rows)
     scores = score_general(lambda batch: generate_answers(model, processor, batch), general)
     out["general"] = scores["overall"]
     (folder / "scores.json").write_text(json.dumps(out, indent=1, default=str))
