@@ -78,6 +78,11 @@ class MergeSettings:
     )
     keep: float = field(0.8, help="I-LoRA keep ratio of singular values")
     iterative: bool = field(True, help="also merge one game at a time with I-LoRA (Table 5)")
+    iterative_methods: list[str] = field(
+        default_factory=list,
+        help="other registry methods also merged one game at a time, in the order of games (each must accept its own "
+        "merged state as an input)",
+    )
     orders: list[list[str]] = field(default_factory=list, help="other game orders for the iterative merge (order effect)")
     keep_sweep: list[float] = field(default_factory=lambda: [0.2, 0.5, 1.0], help="I-LoRA keep ratios for Figure 4 (besides keep)")
 
@@ -112,7 +117,12 @@ class ExperimentConfig:
     """The end-to-end experiment: data, adapters, merges, play, report."""
 
     run_dir: str = field("runs/default", help="where every stage writes; rerunning resumes")
-    seed: int = field(0, help="seed for data, training and play")
+    seed: int = field(0, help="seed for data, training and play (one replicate; see seeds)")
+    seeds: list[int] | None = field(
+        None,
+        help="replicates: each seed gets its own expert data, training, merges and play in run_dir/seed-<s>, and the "
+        "report gives means over seeds with intervals over seeds x episodes (null: the one replicate of seed)",
+    )
     games: list[str] = field(default_factory=lambda: list(DEFAULT_GAMES), help="games (each needs an expert)")
     workers: int = field(2, help="processes running independent stages (trainings, evaluations) side by side")
     threads: int = field(1, help="torch CPU threads (1 is fastest for the tiny model on a shared 2-core CPU; 0: torch's default)")
@@ -126,6 +136,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         """Refuse game lists the stages could not honour (each message names the key)."""
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise IloraError(f"seeds = {self.seeds}: need at least one seed, each once (or null)")
         games = list(self.games)
         if not games or len(set(games)) != len(games):
             raise IloraError(f"games = {games}: need at least one game, each once")

@@ -14,6 +14,7 @@ once), ``iter/<order>/<k>`` (I-LoRA merging one game at a time, after k games),
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -39,13 +40,9 @@ from ilora.experiment.schedule import (
 )
 from ilora.experiment.stages import StageNotCached, StageRunner
 from ilora.fileio import file_sha256
+from ilora.models.load import builtin_base
 
 PLAIN = {"eps_kl": 0.0, "eps_norm": 0.0}
-
-
-def builtin_base() -> Path:
-    """The shipped pretrained tiny base model (see its README for how it was made)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "tiny-base"
 
 
 @dataclass
@@ -222,21 +219,25 @@ class Experiment:
         routed = [f"routed/{g}" for g in self.cfg.games]
         jobs: list[tuple] = []
         for method in m.methods:
-            jobs.append((f"merge/{method}", routed, method, {"keep": m.keep} if method == "ilora" else {}))
+            jobs.append((f"merge/{method}", routed, method, self.merge_options(method)))
         jobs += [(f"keep/{keep:g}", routed, "ilora", {"keep": keep}) for keep in m.keep_sweep if keep != m.keep]
-        if m.iterative:
-            for order in [list(self.cfg.games)] + [list(o) for o in m.orders]:
-                tag = "-".join(order)
-                previous = f"routed/{order[0]}"
-                for k in range(2, len(order) + 1):
-                    name = f"iter/{tag}/{k}"
-                    jobs.append((name, [previous, f"routed/{order[k - 1]}"], "ilora", {"keep": m.keep}))
-                    previous = name
+        sequences = [("ilora", order) for order in [list(self.cfg.games)] + [list(o) for o in m.orders]] if m.iterative else []
+        sequences += [(method, list(self.cfg.games)) for method in m.iterative_methods]
+        for method, order in sequences:
+            previous = f"routed/{order[0]}"
+            for k in range(2, len(order) + 1):
+                name = iterative_name(method, order, k)
+                jobs.append((name, [previous, f"routed/{order[k - 1]}"], method, self.merge_options(method)))
+                previous = name
         pair = self.cfg.ablations.games
         variants = {"plain": "plain", "routed": "routed", **{v: f"ablation/{v}" for v in self.cfg.ablations.variants}}
         for variant, prefix in variants.items():
             jobs.append((f"ablation-merge/{variant}", [f"{prefix}/{g}" for g in pair], "ilora", {"keep": m.keep}))
         return jobs
+
+    def merge_options(self, method: str) -> dict[str, Any]:
+        """The experiment's options for a merge method (I-LoRA's keep ratio; the registry's defaults otherwise)."""
+        return {"keep": self.cfg.merge.keep} if method == "ilora" else {}
 
     def ensure(self, model: str) -> None:
         """Register ``model`` (and the models it was merged from) from their finished, cached stages."""
@@ -261,7 +262,7 @@ class Experiment:
         for name in [job[0] for job in self.training_jobs() + self.merge_jobs()]:
             if name.startswith(("ablation/", "ablation-merge/")):
                 plan[name] = pair
-            elif name.startswith("iter/"):
+            elif name.startswith("iter"):
                 _, tag, k = name.split("/")
                 plan[name] = tag.split("-")[: int(k)]  # the games merged so far
             else:
@@ -369,50 +370,6 @@ class Experiment:
             jobs.append(Job(f"analysis/{kind}/{games[0]}", "analyze", (kind,), deps, tier=4, cost=5, local=True))
         return jobs
 
-    def run_jobs(self, jobs: list[Job]) -> None:
-        """Run ``jobs`` in dependency order: cached stages are only registered, the others computed
-        (by ``self.workers`` processes, or here when 1 or when the job is local)."""
-        schedule = Schedule(jobs)
-        start = time.time()
-        pool = None
-        running: dict[Future, Job] = {}
-        try:
-            while not schedule.finished:
-                started = False
-                for job in schedule.ready():
-                    if self._registered(job):
-                        schedule.finish(job, computed=False)
-                    elif job.local or self.workers <= 1:
-                        self._call(job)
-                        schedule.finish(job)
-                        self._progress(schedule, start)
-                    elif len(running) < self.workers:
-                        if pool is None:
-                            import multiprocessing
-
-                            pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-                        schedule.start(job)
-                        running[pool.submit(_run_job, self.cfg, self.runner.force, self.runner.redone, job)] = job
-                    else:
-                        continue
-                    started = True
-                if not running:
-                    if not started:
-                        raise RuntimeError(f"no stage can start; waiting: {sorted(set(schedule.jobs) - schedule.done)}")
-                    continue
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    job = running.pop(future)
-                    future.result()  # a worker's error stops the run here, with its traceback
-                    self.runner.redone.add(job.key)
-                    if not self._registered(job):
-                        raise RuntimeError(f"stage {job.key} finished in a worker but its record does not match")
-                    schedule.finish(job)
-                    self._progress(schedule, start)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-
     def _call(self, job: Job) -> None:
         getattr(self, job.method)(*job.args)
 
@@ -427,12 +384,6 @@ class Experiment:
         finally:
             self.runner.compute = True
 
-    def _progress(self, schedule: Schedule, start: float) -> None:
-        elapsed = time.time() - start
-        eta = schedule.eta_seconds(elapsed)
-        left = f", about {eta / 60:.0f} min left" if eta is not None else ""
-        self.log(f"[{elapsed / 60:5.1f} min] {len(schedule.done)}/{len(schedule.jobs)} stages done{left}")
-
     def run_report(self) -> Path:
         from ilora.experiment.report import write_report
 
@@ -443,13 +394,99 @@ class Experiment:
         return folder / "REPORT.md"
 
     def run(self) -> Path:
-        if self.cfg.threads:
-            import torch
-
-            torch.set_num_threads(self.cfg.threads)
-        self.run_base()
-        self.run_jobs(self.jobs())
+        """Run (or resume) every stage of this replicate and its report."""
+        run_replicates([self])
         return self.run_report()
+
+
+def iterative_name(method: str, order: list[str], k: int) -> str:
+    """The model after merging the first ``k`` games of ``order`` one at a time with ``method``
+    (I-LoRA's keep the names of earlier runs: ``iter/<order>/<k>``)."""
+    prefix = "iter" if method == "ilora" else f"iter-{method}"
+    return f"{prefix}/{'-'.join(order)}/{k}"
+
+
+def replicate_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
+    """One config per replicate: ``config`` itself without ``seeds``, else one per seed in
+    ``run_dir/seed-<s>`` (each replicate has its own data, adapters, merges and play)."""
+    if config.seeds is None:
+        return [config]
+    return [
+        dataclasses.replace(config, seed=s, seeds=None, run_dir=str(Path(config.run_dir) / f"seed-{s}"))
+        for s in config.seeds
+    ]
+
+
+def run_replicates(experiments: list[Experiment]) -> None:
+    """Run every stage of the replicates, scheduled together over the first one's workers.
+
+    Jobs are keyed ``<run_dir>:<stage>`` so that the replicates' stages of the same name stay
+    apart; cached stages are only registered, the others are computed by worker processes
+    (or here, when the job is local or there is one worker).
+    """
+    first = experiments[0]
+    if first.cfg.threads:
+        import torch
+
+        torch.set_num_threads(first.cfg.threads)
+    owners: dict[str, tuple[Experiment, Job]] = {}
+    keyed_jobs = []
+    for experiment in experiments:
+        experiment.run_base()
+        tag = f"{experiment.cfg.run_dir}:"
+        for job in experiment.jobs():
+            keyed_jobs.append(dataclasses.replace(job, key=tag + job.key, deps=tuple(tag + d for d in job.deps)))
+            owners[keyed_jobs[-1].key] = (experiment, job)
+    schedule = Schedule(keyed_jobs)
+    start = time.time()
+    pool = None
+    running: dict[Future, Job] = {}
+    try:
+        while not schedule.finished:
+            started = False
+            for keyed in schedule.ready():
+                experiment, job = owners[keyed.key]
+                if experiment._registered(job):
+                    schedule.finish(keyed, computed=False)
+                elif job.local or first.workers <= 1:
+                    experiment._call(job)
+                    schedule.finish(keyed)
+                    _progress(first.log, schedule, start)
+                elif len(running) < first.workers:
+                    if pool is None:
+                        import multiprocessing
+
+                        pool = ProcessPoolExecutor(first.workers, mp_context=multiprocessing.get_context("spawn"))
+                    schedule.start(keyed)
+                    runner = experiment.runner
+                    running[pool.submit(_run_job, experiment.cfg, runner.force, runner.redone, job)] = keyed
+                else:
+                    continue
+                started = True
+            if not running:
+                if not started:
+                    raise RuntimeError(f"no stage can start; waiting: {sorted(set(schedule.jobs) - schedule.done)}")
+                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                keyed = running.pop(future)
+                experiment, job = owners[keyed.key]
+                future.result()  # a worker's error stops the run here, with its traceback
+                experiment.runner.redone.add(job.key)
+                if not experiment._registered(job):
+                    raise RuntimeError(f"stage {keyed.key} finished in a worker but its record does not match")
+                schedule.finish(keyed)
+                _progress(first.log, schedule, start)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _progress(log: Callable[[str], None], schedule: Schedule, start: float) -> None:
+    elapsed = time.time() - start
+    eta = schedule.eta_seconds(elapsed)
+    left = f", about {eta / 60:.0f} min left" if eta is not None else ""
+    log(f"[{elapsed / 60:5.1f} min] {len(schedule.done)}/{len(schedule.jobs)} stages done{left}")
 
 
 def task_matched_steps(steps: int, n_task: int, n_general: int) -> int:
@@ -486,5 +523,14 @@ def print_now(line: str) -> None:
 def run_experiment(
     config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print_now
 ) -> Path:
-    """Run (or resume) the experiment; returns the path of its ``REPORT.md``."""
-    return Experiment(config, force, log).run()
+    """Run (or resume) the experiment; returns the path of its ``REPORT.md`` (with ``seeds``,
+    the report over seeds in ``run_dir/report``, beside each replicate's own)."""
+    replicates = [Experiment(c, force, log) for c in replicate_configs(config)]
+    if config.seeds is None:
+        return replicates[0].run()
+    from ilora.experiment.seed_report import write_seed_report
+
+    run_replicates(replicates)
+    for experiment in replicates:
+        experiment.run_report()
+    return write_seed_report(config, replicates, Path(config.run_dir) / "report")

@@ -1,0 +1,188 @@
+"""The report over seeds: every cell is a mean over replicates with a two-level interval.
+
+Each replicate (``run_dir/seed-<s>``) has its own report; this one reads their results and
+gives, per model and game, the mean over seeds of the per-seed score, retention and
+expert-normalised score, with 95% intervals from resampling seeds and then episodes
+(:mod:`ilora.experiment.stats`). A game's retention in a seed counts only where that seed's
+single-task and routed agents meet the bar (:meth:`Results.bar_failures`). A method is
+called best only where the paired interval of its lead over the runner-up excludes 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ilora.experiment import stats
+from ilora.experiment.config import ExperimentConfig
+from ilora.experiment.pipeline import iterative_name
+from ilora.experiment.report import Results, figure, fmt, table
+from ilora.fileio import atomic_dir
+
+KEEP_MEAN, KEEP_MIN = 0.9, 0.8  # "keeps every game": mean retention and every game's retention
+GENERAL_TOLERANCE = 0.02  # general accuracy within this of the base's
+
+
+def estimate_cell(e: stats.Estimate) -> str:
+    return f"{fmt(e.value)} [{fmt(e.low)}, {fmt(e.high)}]"
+
+
+class SeedResults:
+    """The replicates' results side by side, with one set of seed picks for every estimate."""
+
+    def __init__(self, config: ExperimentConfig, experiments: Sequence[Any]) -> None:
+        self.cfg = config
+        self.games = list(config.games)
+        self.seeds = [x.cfg.seed for x in experiments]
+        self.results = [Results(x) for x in experiments]
+        self.rng = np.random.default_rng(config.seed)
+        self.picks = stats.seed_picks(len(self.results), self.rng)
+        self.bar = {g: [not r.bar_failures(g) for r in self.results] for g in self.games}
+
+    def cells(self, model: str | Callable[[str], str], game: str, bar_only: bool) -> list[stats.SeedCell] | None:
+        """Per seed, the cell of ``model`` on ``game``; seeds where the game misses the bar are
+        left out when ``bar_only`` (their slot in the picks becomes undefined). ``None`` when a
+        seed did not play it."""
+        name = model(game) if callable(model) else model
+        cells = []
+        for res, meets in zip(self.results, self.bar[game]):
+            played, single = res.play(name, game), res.play(f"plain/{game}", game)
+            if played is None or single is None:
+                return None
+            random, expert = res.reference(game, "random")["mean"], res.reference(game, "expert")["mean"]
+            scores = np.asarray(played["scores"], float)
+            if bar_only and not meets:
+                single = {"scores": [random]}  # a zero denominator: undefined in that seed
+            cells.append(stats.SeedCell(scores, np.asarray(single["scores"], float), random, expert))
+        return cells
+
+    def retention(self, model, game: str) -> stats.Estimate:
+        cells = self.cells(model, game, bar_only=True)
+        return stats.retention(cells, self.picks, self.rng) if cells else _missing(self.picks)
+
+    def normalised(self, model, game: str) -> stats.Estimate:
+        cells = self.cells(model, game, bar_only=False)
+        return stats.normalised_score(cells, self.picks, self.rng) if cells else _missing(self.picks)
+
+    def general(self, model: str) -> float:
+        values = [(r.evals(model) or {}).get("general", {}).get("accuracy") for r in self.results]
+        finite = [v for v in values if v is not None]
+        return float(np.mean(finite)) if len(finite) == len(values) else math.nan
+
+
+def _missing(picks: np.ndarray) -> stats.Estimate:
+    return stats.Estimate(math.nan, math.nan, math.nan, np.full(picks.shape[0], np.nan))
+
+
+def merged_models(cfg: ExperimentConfig) -> dict[str, str]:
+    """Label -> model of every merge of all the routed adapters (one-shot and iterative), then
+    the references they are compared with."""
+    games = list(cfg.games)
+    models = {m: f"merge/{m}" for m in cfg.merge.methods}
+    for method in (["ilora"] if cfg.merge.iterative else []) + list(cfg.merge.iterative_methods):
+        models[f"{method} (iterative)"] = iterative_name(method, games, len(games))
+    models["joint multi-task LoRA"] = "joint"
+    return models
+
+
+def own_routed(game: str) -> str:
+    return f"routed/{game}"
+
+
+def write_seed_report(config: ExperimentConfig, experiments: Sequence[Any], out: Path) -> Path:
+    """Write ``REPORT.md``, ``summary.json`` and ``retention.png`` over the replicates into ``out``.
+
+    Returns:
+        The path of ``REPORT.md``.
+    """
+    sr = SeedResults(config, experiments)
+    games, seeds = sr.games, sr.seeds
+    counted = [g for g in games if any(sr.bar[g])]
+    md = [f"# ilora experiment report over seeds: `{config.run_dir}`", "",
+          f"Seeds {', '.join(map(str, seeds))}: each has its own expert data, adapters, merges and play "
+          f"(`seed-<s>/report/REPORT.md`). Every cell is the mean over seeds of the per-seed value, with a 95% "
+          f"interval from resampling seeds, then episodes within each seed ({stats.DRAWS} draws). Retention is "
+          "`(model - random) / (single-task - random)` per seed; a seed's retention on a game counts only where that "
+          "seed's single-task and routed agents meet the bar. The expert-normalised score `(model - random) / "
+          "(expert - random)` needs no single-task denominator.", ""]
+
+    md += ["## The bar per seed", "",
+           table(["game", *[f"seed {s}" for s in seeds]],
+                 [[g, *["yes" if ok else "no" for ok in sr.bar[g]]] for g in games]), ""]
+    if len(counted) < len(games):
+        md += [f"Games that miss the bar in every seed are left out of the means: "
+               f"{', '.join(g for g in games if g not in counted)}.", ""]
+
+    rows, summary_rows, estimates = [], {}, {}
+    models = {**merged_models(config), **{"routed single-game adapters": None}}
+    for label, model in models.items():
+        model = model or own_routed
+        per_game = {g: sr.retention(model, g) for g in games}
+        normalised = [sr.normalised(model, g) for g in counted]
+        mean = stats.combine([per_game[g] for g in counted], "mean")
+        low = stats.combine([per_game[g] for g in counted], "min")
+        norm = stats.combine(normalised, "mean")
+        estimates[label] = mean
+        general = sr.general(model) if isinstance(model, str) else math.nan
+        keeps = mean.value >= KEEP_MEAN and low.value >= KEEP_MIN
+        rows.append([label, *[estimate_cell(per_game[g]) for g in games], estimate_cell(mean), estimate_cell(low),
+                     estimate_cell(norm), fmt(general, 3), "yes" if keeps else "no"])
+        summary_rows[label] = {
+            "retention": {g: per_game[g].as_dict() for g in games}, "mean": mean.as_dict(), "min": low.as_dict(),
+            "normalised_mean": norm.as_dict(), "general": None if math.isnan(general) else general, "keeps_every_game": keeps,
+        }
+    base_general = sr.general("base")
+    md += ["## Retention after merging the routed adapters of all games", "",
+           table(["method", *games, "mean", "min over games", "expert-normalised (mean)", "general acc.",
+                  f"keeps every game (mean >= {KEEP_MEAN:g}, min >= {KEEP_MIN:g})"], rows), "",
+           f"General accuracy of the base: {fmt(base_general, 3)} (a merge should stay within {GENERAL_TOLERANCE:g}). "
+           f"Means over games are over {', '.join(counted) or 'no game'}.", ""]
+    md += [_best_line(estimates), ""]
+    report = "\n".join(md)
+    with atomic_dir(out) as tmp:
+        (tmp / "REPORT.md").write_text(report)
+        plot_retention(tmp / "retention.png", sr, models, games)
+        summary = {"seeds": seeds, "games": games, "counted_games": counted, "bar": sr.bar,
+                   "base_general": None if math.isnan(base_general) else base_general, "methods": summary_rows}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    print(table(["method", *games, "mean", "min", "normalised", "general", "keeps"], rows))
+    return out / "REPORT.md"
+
+
+def _best_line(estimates: dict[str, stats.Estimate]) -> str:
+    """Who has the highest mean retention, called best only where it separates from the runner-up."""
+    ranked = sorted(((e.value, label) for label, e in estimates.items() if math.isfinite(e.value)), reverse=True)
+    ranked = [(v, label) for v, label in ranked if label != "routed single-game adapters"]
+    if len(ranked) < 2:
+        return "Too few finite mean retentions to rank the methods."
+    (top, best), (second, runner_up) = ranked[0], ranked[1]
+    if stats.separates(estimates[best], estimates[runner_up]):
+        return (f"Best mean retention: **{best}** ({fmt(top)}), ahead of {runner_up} ({fmt(second)}): the 95% interval "
+                "of the paired difference over seeds x episodes excludes 0.")
+    return (f"Highest mean retention: {best} ({fmt(top)}), but it does not separate from {runner_up} ({fmt(second)}): "
+            "the 95% interval of their paired difference includes 0, so no method is called best.")
+
+
+def plot_retention(path: Path, sr: SeedResults, models: dict[str, str | None], games: list[str]) -> None:
+    """Grouped bars of retention per method and game with their two-level 95% intervals."""
+    labels = list(models)
+    width = 0.8 / len(games)
+    with figure(path, (max(7.0, 0.9 * len(labels) * len(games) / 2), 4.2),
+                f"Retention over seeds {', '.join(map(str, sr.seeds))} (95% intervals: seeds x episodes)",
+                "retention") as ax:
+        for i, game in enumerate(games):
+            values, lows, highs = [], [], []
+            for label in labels:
+                e = sr.retention(models[label] or own_routed, game)
+                values.append(0.0 if math.isnan(e.value) else e.value)
+                lows.append(0.0 if math.isnan(e.low) else max(0.0, e.value - e.low))
+                highs.append(0.0 if math.isnan(e.high) else max(0.0, e.high - e.value))
+            ax.bar(np.arange(len(labels)) + i * width, values, width, yerr=[lows, highs], capsize=2, label=game)
+        ax.set_xticks(np.arange(len(labels)) + width * (len(games) - 1) / 2)
+        ax.set_xticklabels(labels, rotation=30, ha="right")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
