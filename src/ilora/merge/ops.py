@@ -331,3 +331,203 @@ def pcb_merge(task_tensors: list[torch.Tensor], ratio: float) -> torch.Tensor:
     weight = (score - cutoff) / (hi - cutoff).clamp_min(1e-30)
     merged = (stacked * weight).sum(dim=0) / weight.sum(dim=0).clamp_min(1e-12)
     return merged.reshape(task_tensors[0].shape)
+
+
+def add_scaled_gram_(total: torch.Tensor, gram: torch.Tensor, weight: float, alpha: float) -> torch.Tensor:
+    """``total += weight · G̃``, ``G̃`` being ``gram`` with its off-diagonal entries times ``alpha``.
+
+    ``G̃ = alpha·G + (1 - alpha)·diag(G)`` is RegMean's stabiliser (``alpha = 1``: the plain
+    Gram); it is never formed, so ``gram`` is neither copied nor changed.
+
+    Args:
+        total: ``n x n`` running sum, updated in place.
+        gram: ``n x n`` input Gram.
+        weight: the input's weight.
+        alpha: off-diagonal factor in ``[0, 1]``.
+
+    Returns:
+        ``total``.
+    """
+    total.add_(gram, alpha=weight * alpha)
+    total.diagonal().add_(gram.diagonal(), alpha=weight * (1 - alpha))
+    return total
+
+
+def add_delta_gram_(
+    total: torch.Tensor, delta: Candidate, gram: torch.Tensor, weight: float, alpha: float
+) -> torch.Tensor:
+    """``total += weight · ΔW G̃`` with ``G̃`` as in ``add_scaled_gram_`` (never formed).
+
+    Args:
+        total: ``out x n`` running sum, updated in place.
+        delta: ``ΔW`` dense (``out x n``) or a low-rank pair ``(left, right)`` standing for
+            ``left @ right``; a pair costs ``O(r·n²)`` instead of ``O(out·n²)``.
+        gram: ``n x n`` input Gram.
+        weight: the input's weight.
+        alpha: off-diagonal factor in ``[0, 1]``.
+
+    Returns:
+        ``total``.
+    """
+    left, right = delta if isinstance(delta, tuple) else (None, delta)
+    # right·G̃ = alpha·(right·G) + (1 - alpha)·right·diag(G): the diagonal part is a column scaling.
+    projected = (right @ gram).mul_(alpha).add_(right * gram.diagonal(), alpha=1 - alpha)
+    if left is None:
+        return total.add_(projected, alpha=weight)
+    return total.addmm_(left, projected, alpha=weight)
+
+
+def regmean_system(
+    task_gram: torch.Tensor, general_gram: torch.Tensor, general_weight: float, ridge: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, float]:
+    """RegMean's normal matrix ``task + general_weight·general + ridge·mean(diag)·I``, newly allocated.
+
+    Args:
+        task_gram: ``n x n`` sum of the tasks' (weighted, stabilised) Grams.
+        general_gram: ``n x n`` sum of the general rows' Grams (a task whose delta is 0).
+        general_weight: factor of ``general_gram``.
+        ridge: ridge relative to the mean diagonal of the system before the ridge.
+        dtype: dtype of the result (float64 where memory allows).
+
+    Returns:
+        ``(system, absolute ridge added to the diagonal)``.
+    """
+    system = task_gram.to(dtype, copy=True)
+    if general_weight:
+        system.add_(general_gram, alpha=general_weight)
+    absolute_ridge = ridge * float(system.diagonal().mean())
+    system.diagonal().add_(absolute_ridge)
+    return system, absolute_ridge
+
+
+def cholesky_right_solve_(rhs: torch.Tensor, system: torch.Tensor) -> torch.Tensor | None:
+    """``X`` with ``X · system = rhs`` for a symmetric positive definite ``system``, by Cholesky.
+
+    The factorisation overwrites ``system`` (no second ``n x n`` buffer); the solve runs in
+    ``system``'s dtype.
+
+    Args:
+        rhs: ``out x n``.
+        system: ``n x n`` symmetric; destroyed.
+
+    Returns:
+        float32 ``X`` (``out x n``), or ``None`` when ``system`` is not numerically positive
+        definite or the solution is not finite (then ``system`` holds garbage).
+    """
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(system, out=(system, info))
+    if int(info) != 0:
+        return None
+    solution = torch.cholesky_solve(rhs.T.to(system.dtype), system).T.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(solution.sum())):
+        return None
+    return solution
+
+
+def lstsq_right_solve(rhs: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
+    """``X`` minimising ``‖X · system - rhs‖`` for a symmetric, possibly singular ``system``.
+
+    Rank-revealing (LAPACK ``gelsy``), so directions ``system`` does not see get ``X = 0``
+    rather than noise. The fallback where Cholesky fails.
+
+    Args:
+        rhs: ``out x n``.
+        system: ``n x n`` symmetric.
+
+    Returns:
+        float32 ``X`` (``out x n``).
+    """
+    solution = torch.linalg.lstsq(system, rhs.T.to(system.dtype), driver="gelsy").solution
+    return solution.T.to(torch.float32).contiguous()
+
+
+def row_space_basis(rows: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal rows spanning the row space of ``rows`` (float64 SVD).
+
+    Args:
+        rows: ``k x n`` (e.g. stacked LoRA ``A`` factors), ``k <= n`` in practice.
+        rtol: directions with singular value ``<= rtol · σ_max`` are dropped (duplicates).
+
+    Returns:
+        float32 ``q x n`` with orthonormal rows, ``q <= k``.
+    """
+    _, s, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+    return vh[s > rtol * s[0]].float()
+
+
+def subspace_right_solve(
+    rhs: torch.Tensor, system: torch.Tensor, basis: torch.Tensor
+) -> tuple[torch.Tensor, str]:
+    """``M`` minimising ``tr((M Q - X*) system (M Q - X*)ᵀ)`` where ``X* · system = rhs``.
+
+    The least-squares fit restricted to ``ΔW = M Q``: ``M = (rhs Qᵀ)(Q system Qᵀ)⁻¹``, a
+    ``q x q`` solve in float64 (Cholesky, falling back to least squares).
+
+    Args:
+        rhs: ``out x n``.
+        system: ``n x n`` symmetric positive semidefinite.
+        basis: ``Q``, ``q x n`` with orthonormal rows.
+
+    Returns:
+        ``(M, solver)``: float32 ``out x q`` and ``"cholesky"`` or ``"lstsq"``.
+    """
+    projected_rhs = (rhs @ basis.T).double()
+    projected_system = basis.double() @ (system @ basis.to(system.dtype).T).double()
+    projected_system = (projected_system + projected_system.T) / 2  # exact symmetry for Cholesky
+    solution = cholesky_right_solve_(projected_rhs, projected_system.clone())
+    if solution is not None:
+        return solution, "cholesky"
+    return lstsq_right_solve(projected_rhs, projected_system), "lstsq"
+
+
+def concat_factors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact sum ``Σ_i left_i @ right_i`` as one factor pair (PEFT's ``cat``, on true deltas).
+
+    Args:
+        pairs: ``(out x r_i, r_i x in)`` factor pairs; ranks may differ.
+
+    Returns:
+        ``([left_1 … left_T], [right_1; …; right_T])``: float32, ``out x Σr_i`` and ``Σr_i x in``.
+    """
+    return torch.cat([left.float() for left, _ in pairs], dim=1), torch.cat([right.float() for _, right in pairs], dim=0)
+
+
+def polar_factor(x: torch.Tensor) -> torch.Tensor:
+    """The orthonormal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ`` (thin SVD, in float64).
+
+    It is the matrix with orthonormal columns (rows, if ``x`` is wide) nearest to ``x``.
+
+    Args:
+        x: ``m x k``.
+
+    Returns:
+        ``m x k`` in ``x``'s dtype.
+    """
+    p, _, qh = torch.linalg.svd(x.double(), full_matrices=False)
+    return (p @ qh).to(x.dtype)
+
+
+def tsv_merge(
+    triplets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], shape: tuple[int, int], alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TSV-M (Gargiulo et al., CVPR 2025): the tasks' leading singular vectors, decorrelated.
+
+    Each of the ``T`` tasks keeps its top ``max(1, ⌊min(out, in) / T⌋)`` triplets (all it has,
+    if fewer); their ``U``'s side by side and ``V``'s side by side are replaced by their
+    polar factors ``U⊥``, ``V⊥`` (the nearest orthonormal sets), and the merge is
+    ``α · U⊥ diag(S) V⊥ᵀ`` with the kept ``S`` on the diagonal.
+
+    Args:
+        triplets: per task ``(U, S, Vh)`` of its ``ΔW_t`` (``out x k_t``, ``k_t`` descending,
+            ``k_t x in``).
+        shape: ``(out, in)``.
+        alpha: global scale of the merge.
+
+    Returns:
+        ``(α · U⊥ diag(S), V⊥ᵀ)``: ``out x P`` and ``P x in``, ``P`` the kept triplets in all.
+    """
+    per_task = max(1, min(shape) // len(triplets))
+    u = torch.cat([u[:, :per_task] for u, _, _ in triplets], dim=1)
+    s = torch.cat([s[:per_task] for _, s, _ in triplets])
+    vh = torch.cat([vh[:per_task] for _, _, vh in triplets], dim=0)
+    return polar_factor(u) * (alpha * s), polar_factor(vh.T).T
