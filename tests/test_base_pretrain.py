@@ -9,7 +9,7 @@ import pytest
 
 from ilora.cli import main
 from ilora.config import load_yaml
-from ilora.experiment.pipeline import builtin_base
+from ilora.models.load import builtin_base
 from ilora.models.pretrain import BaseConfig, pretrain_base
 
 ROOT = Path(__file__).resolve().parent.parent

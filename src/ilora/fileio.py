@@ -1,14 +1,17 @@
-"""File helpers: atomic writes (a folder or file appears complete or not at all), content hashes."""
+"""File helpers: atomic writes (a folder or file appears complete or not at all), strict JSON, content hashes."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ilora.errors import IloraError
 
@@ -29,19 +32,31 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]
     if out.exists() and not overwrite:
         raise IloraError(f"{out}: output already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _new_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        trash = _new_dir(out.parent, f".{out.name}.old-")
         os.replace(out, trash / out.name)
         os.replace(tmp, out)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    # Not tempfile.mkdtemp: its folders are mode 0700 whatever the umask, and the temporary
+    # folder becomes the output; a plain mkdir gives the user's usual permissions.
+    while True:
+        path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -50,6 +65,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def to_json(data: Any, indent: int | None = 1) -> str:
+    """Strict JSON text: NaN and ±Inf floats become ``null`` (``json.dumps`` would write invalid ``NaN``)."""
+    return json.dumps(_finite_or_none(data), indent=indent, allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -516,9 +515,7 @@ def load_agent(
     """
     from ilora.models.load import load_vlm_merged
 
-    game = get_game(game)  # fail on bad input before loading anything
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise IloraError(f"{adapter}: no adapter_config.json, not a PEFT adapter folder")
+    game = get_game(game)  # fail on bad input before loading anything (load_vlm_merged checks the adapter)
     vlm, processor = load_vlm_merged(model, adapter, dtype=dtype, device=device)
     agent = VLMAgent(vlm, processor, game, **agent_options)
     agent.source = {"model": str(model), "adapter": None if adapter is None else str(adapter), "dtype": str(dtype)}

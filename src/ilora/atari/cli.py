@@ -73,7 +73,7 @@ def _collect(args: argparse.Namespace) -> int:
         rare_repeat=args.rare_repeat,
         repeat_action_probability=args.sticky,
     )
-    summary = collect_to_disk(config, args.out)
+    summary = collect_to_disk(config, args.out, overwrite=args.overwrite)
     print(json.dumps({k: summary[k] for k in ("game", "episodes", "mean_score", "rows", "removed_steps", "row_actions")}))
     print(f"dataset: {args.out}/dataset (datasets.load_from_disk)")
     return 0
@@ -87,6 +87,8 @@ def _add_collect(sub) -> None:
     p.add_argument("--game", required=True, help="Game name, e.g. Pong.")
     p.add_argument("--episodes", type=int, required=True, help="Number of episodes.")
     p.add_argument("--out", required=True, help="Output folder (resumable: finished episodes are kept).")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Allow fewer --episodes than --out holds: its dataset is rewritten with only those.")
     p.add_argument("--seed", type=int, default=d.seed, help="Episode i uses seed + i (default %(default)s).")
     p.add_argument("--object-text", action=argparse.BooleanOptionalAction, default=d.object_text,
                    help="Object-state text from the RAM in the prompt (default on).")
@@ -140,7 +142,7 @@ def _add_play(sub) -> None:
     from ilora.atari.games import DEFAULT_MAX_EPISODE_FRAMES
 
     p = sub.add_parser("play", help="a VLM (or merged model / adapter) plays a game; prints score, CI, HNS.")
-    p.add_argument("--model", required=True, help="Model folder or hub id (the default model, a merged model...).")
+    p.add_argument("--model", required=True, help="Model folder, 'builtin' (the shipped tiny base) or a cached hub id.")
     p.add_argument("--adapter", default=None, help="A PEFT adapter folder, merged into the model in memory.")
     p.add_argument("--game", required=True, help="Game name, e.g. Pong.")
     p.add_argument("--episodes", type=int, default=10, help="Episodes to play (default %(default)s).")

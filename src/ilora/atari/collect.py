@@ -33,6 +33,7 @@ from ilora.atari.games import (
     get_game,
 )
 from ilora.atari.prompts import build_answer, build_context, build_step_prompt
+from ilora.atari.ram import READERS, has_object_text
 from ilora.atari.ram import object_text as ram_object_text
 from ilora.config import field, to_dict
 from ilora.errors import IloraError
@@ -77,6 +78,12 @@ class CollectConfig:
                 raise IloraError(f"collect: {name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise IloraError(f"collect: max_steps must be >= 1, got {self.max_steps}")
+        # Checked here, not at the first row: the rows are built after the whole episode is played.
+        if self.object_text and not has_object_text(self.game):
+            raise IloraError(
+                f"collect: object_text needs a RAM reader and {self.game} has none "
+                f"(games with one: {', '.join(sorted(READERS))}); use --no-object-text"
+            )
 
 
 def dataset_features():
@@ -261,6 +268,8 @@ def collect_dataset(
     from tqdm.auto import tqdm
 
     config = CollectConfig(game=game, episodes=episodes, seed=seed, **options)
+    if policy is None:
+        get_expert(config.game)  # no expert: refused before any episode is played
     env = TwoFrameEnv(config.game, frame_skip=config.frame_skip, repeat_action_probability=config.repeat_action_probability)
     parts = []
     try:
@@ -275,7 +284,9 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def collect_to_disk(config: CollectConfig, out: str | Path, policy: Policy | None = None, progress: bool = True) -> dict:
+def collect_to_disk(
+    config: CollectConfig, out: str | Path, policy: Policy | None = None, progress: bool = True, overwrite: bool = False
+) -> dict:
     """Collect into ``out`` resumably; write the merged dataset to ``out/dataset``.
 
     Layout: ``out/collect_config.json`` (the settings; a resume must match them),
@@ -283,11 +294,15 @@ def collect_to_disk(config: CollectConfig, out: str | Path, policy: Policy | Non
     written to a temporary directory and renamed), ``out/dataset/`` (all episodes, loadable with
     ``datasets.load_from_disk``) and ``out/summary.json`` (scores, removed steps, action histograms).
 
+    ``overwrite`` allows a rerun with fewer episodes than ``out`` holds: the dataset then has
+    only the first ``config.episodes``; the other episode folders stay on disk for a later rerun.
+
     Returns:
         The overall summary (also written to ``out/summary.json``).
 
     Raises:
-        IloraError: ``out`` holds a collection made with different settings, or is a file.
+        IloraError: ``out`` holds a collection made with different settings, or more episodes
+            than asked for (without ``overwrite``), or is a file; the game has no expert.
     """
     from datasets import concatenate_datasets, load_from_disk
     from tqdm.auto import tqdm
@@ -295,6 +310,8 @@ def collect_to_disk(config: CollectConfig, out: str | Path, policy: Policy | Non
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IloraError(f"{out}: exists and is not a directory")
+    if policy is None:
+        get_expert(config.game)  # no expert: refused before anything is written
     settings = to_dict(config)
     config_path = out / "collect_config.json"
     if config_path.exists():
@@ -305,6 +322,12 @@ def collect_to_disk(config: CollectConfig, out: str | Path, policy: Policy | Non
                 f"{config_path}: the existing collection used different settings for {differ}; "
                 "use another --out or the same settings to resume"
             )
+    finished = [int(f.parent.name.removeprefix("episode_")) for f in out.glob("episodes/episode_*/summary.json")]
+    if finished and max(finished) >= config.episodes and not overwrite:
+        raise IloraError(
+            f"{out}: holds {max(finished) + 1} episodes; --episodes {config.episodes} would rewrite its dataset "
+            "with fewer (pass --overwrite to do that; the other episode folders are kept)"
+        )
     (out / "episodes").mkdir(parents=True, exist_ok=True)
     _write_json(config_path, settings)
 

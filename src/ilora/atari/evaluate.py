@@ -17,7 +17,6 @@ policy — so their numbers are comparable by construction:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -38,6 +37,7 @@ from ilora.atari.games import (
     get_game,
 )
 from ilora.errors import IloraError
+from ilora.fileio import to_json
 
 
 @dataclass
@@ -372,7 +372,7 @@ def save_result(path: str | os.PathLike, result: PlayResult, summary: Summary) -
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.write_text(to_json(payload))  # strict JSON: a one-episode std is NaN, written as null
     tmp.replace(path)
     return path
 

@@ -23,6 +23,8 @@ from ilora.merge.io import (
     write_record,
 )
 from ilora.merge.registry import Source, get_method
+from ilora.models.adapter import check_modules_fit
+from ilora.models.load import model_weight_shapes, resolve_model_path
 
 Input = str | os.PathLike | LoraAdapter | MergedState
 
@@ -54,6 +56,24 @@ def check_compatible(inputs: list[Source]) -> dict[str, tuple[int, int]]:
     return {m: shapes[m][0] for m in sorted(shapes)}
 
 
+def check_distinct(described: list[dict]) -> None:
+    """Refuse an input given twice (the same folder, or a copy of the same weights): it would silently count double."""
+    for i, this in enumerate(described):
+        for earlier in described[:i]:
+            paths = (this["path"], earlier["path"])
+            same_folder = all(paths) and Path(paths[0]).resolve() == Path(paths[1]).resolve()
+            if same_folder or (this["sha256"] is not None and this["sha256"] == earlier["sha256"]):
+                why = "the same folder" if same_folder else "identical weights (same sha256)"
+                raise IloraError(f"{this['path']}: {why} as input {earlier['path']}; give each input once")
+
+
+def check_base(inputs: list[Source], base: str) -> None:
+    """Refuse a base model without the inputs' modules, or with other shapes, before anything is merged."""
+    shapes = model_weight_shapes(base)
+    for src in inputs:
+        check_modules_fit(src.modules, shapes, _where(src), base)
+
+
 def merge_adapters(
     inputs: list[Input],
     method: str = "ilora",
@@ -74,7 +94,7 @@ def merge_adapters(
             ``MergedState`` objects, in order (order decides max-magnitude ties).
         method: a registered method (``available_methods()``), e.g. ``"ilora"``, ``"ties"``,
             ``"peft:svd"``.
-        base: base model folder; required by ``peft:*`` and ``save_model``.
+        base: base model folder (or ``builtin``); required by ``peft:*`` and ``save_model``.
         out: write the merged state there (atomically) and return it lazily loaded from
             disk; ``None`` keeps every module in memory.
         overwrite: replace an existing ``out``.
@@ -100,15 +120,20 @@ def merge_adapters(
         raise IloraError("--export-lora and --save-model need --out DIR")
     if export_lora_rank is not None and export_lora_rank < 1:
         raise IloraError(f"--export-lora {export_lora_rank}: rank must be >= 1")
+    described = [s.describe() for s in sources]
+    check_distinct(described)
+    if base is not None:
+        base = resolve_model_path(base)
+        check_base(sources, base)
     meta = {
         "format": RECORD_FORMAT,
         "version": 1,
         "method": method,
         "options": merger.options(),
         "base_model": next((s.base_model for s in sources if s.base_model), None),
-        "inputs": [s.describe() for s in sources],
+        "inputs": described,
     }
-    stream = merger.run(sources, modules, None if base is None else str(base))
+    stream = merger.run(sources, modules, base)
     bar = tqdm(stream, total=len(modules), desc=f"merge ({method})", unit="module", disable=not progress)
     if out is None:
         deltas, records = {}, {}

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from ilora.errors import IloraError
 from ilora.merge import ops
-from ilora.merge.io import ADAPTER_WEIGHTS, PEFT_PREFIX, MergedState
+from ilora.merge.io import MergedState
 from ilora.merge.registry import module_generator
+from ilora.models.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX
 
 EXPORT_REPORT = "export_report.json"
 # Files of a model folder that save_pretrained rewrites; everything else (tokenizer,

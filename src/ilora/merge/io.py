@@ -198,6 +198,12 @@ class LoraAdapter:
     def describe(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "sha256": file_sha256(self.weights_file)}
 
+    def grams(self):
+        """This adapter's input Grams (``grams.safetensors``, see ``ilora.merge.grams``)."""
+        from ilora.merge.grams import load_grams
+
+        return load_grams(self.path)
+
 
 class SafetensorsDeltas(Mapping):
     """Lazy ``{"<module>.weight": ΔW}`` over a merged state's shards: reads a tensor on access."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ilora.config import describe, from_dict, load_yaml, parse_overrides
@@ -34,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Exact-match accuracy on the held-out split of the built-in general data. For real "
         "models, see the README's lmms-eval recipe (llava_interleave_bench).",
     )
-    general.add_argument("--model", required=True, help="model folder or hub id (a merged model works)")
+    general.add_argument("--model", required=True, help="model folder, 'builtin' or a cached hub id (a merged model works)")
     general.add_argument("--adapter", help="a PEFT adapter folder to apply")
     general.add_argument("--rows", type=int, default=600, help="held-out rows to score")
     general.add_argument("--seed", type=int, default=0, help="seed of the held-out rows")
@@ -56,21 +55,18 @@ def run_base(args: argparse.Namespace) -> int:
 
 
 def run_eval_general(args: argparse.Namespace) -> int:
+    from ilora.fileio import atomic_write_text, to_json
     from ilora.general.data import generate_general_rows
-    from ilora.models.load import load_vlm
+    from ilora.models.load import load_vlm_merged
     from ilora.models.pretrain import accuracy_by_task
 
-    model, processor = load_vlm(args.model)
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    model, processor = load_vlm_merged(args.model, args.adapter)
     image_size = processor.image_processor.size.get("height", 96)
     rows = generate_general_rows(args.rows, args.seed, "test", image_size=image_size)
     scores = accuracy_by_task(model, processor, rows)
     print_accuracy(scores)
     if args.json:
-        args.json.write_text(json.dumps(scores, indent=1))
+        atomic_write_text(args.json, to_json(scores))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Loading any Hugging Face VLM (local folder or hub id) and choosing its LoRA targets.
+"""Loading any Hugging Face VLM (local folder, ``builtin`` or a cached hub id) and choosing its LoRA targets.
 
 The tiny default model and llava-interleave-qwen-7b go through the same code: only the
-path, dtype and device differ.
+path, dtype and device differ. Every command resolves its model names here
+(``resolve_model_path``), so a missing model is one line naming it and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ilora.errors import IloraError
+from ilora.errors import IloraError, first_line
+from ilora.models.adapter import check_lora_adapter, check_modules_fit
 
+# The model name that means the pretrained tiny base shipped with the package.
+BUILTIN_BASE = "builtin"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 # Submodule names that hold the parts of common VLMs (LLaVA, LLaVA-NeXT/OneVision, Qwen-VL...).
@@ -23,19 +27,72 @@ PROJECTOR_PARTS = ("multi_modal_projector", "mm_projector", "merger")
 OUTPUT_HEADS = ("lm_head", "embed_out", "output_layer")
 
 
-def _read_config(name_or_path: str | os.PathLike) -> dict | None:
-    path = Path(name_or_path)
-    if path.is_dir():
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            raise IloraError(f"{path}: no config.json, not a Hugging Face model folder")
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as err:
-            raise IloraError(f"{cfg}: not valid JSON ({err})") from err
-    if path.exists() or str(name_or_path).startswith((".", "/")):
-        raise IloraError(f"{name_or_path}: model folder not found")
-    return None  # a hub id: transformers resolves it (offline here, online for users)
+def builtin_base() -> Path:
+    """The shipped pretrained tiny base model (see its README for how it was made)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-base"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """The model to load: ``builtin`` (the shipped base), a local path, or a hub id already in the local cache.
+
+    Nothing is downloaded: a name that is neither here nor cached is refused in one line
+    (before, ``models/tiny`` without ``./`` was taken for a hub id and failed in the network code).
+    """
+    name = str(name_or_path)
+    if name == BUILTIN_BASE:
+        return str(builtin_base())
+    if Path(name).exists() or _in_hub_cache(name):
+        return name
+    raise IloraError(
+        f"{name}: no such model folder, and not a model id in the local Hugging Face cache "
+        f"(nothing is downloaded; '{BUILTIN_BASE}' is the shipped tiny base)"
+    )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError:  # not even shaped like a hub id
+        return False
+
+
+def _read_config(path: str) -> dict | None:
+    """The ``config.json`` of a resolved model folder; ``None`` for a cached hub id."""
+    folder = Path(path)
+    if not folder.exists():
+        return None
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise IloraError(f"{folder}: no config.json, not a Hugging Face model folder")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as err:
+        raise IloraError(f"{cfg}: not valid JSON ({err})") from err
+
+
+def _model_class(path: str):
+    """The config and the Auto class for a resolved model: image-text-to-text when it has a vision part."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    raw = _read_config(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise IloraError(f"{path}: cannot read the model config ({first_line(err)})") from err
+    vlm = is_vlm_config(raw) if raw is not None else hasattr(config, "vision_config")
+    return config, AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+
+
+def model_weight_shapes(name_or_path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a model, built on the meta device from its config (no weights read)."""
+    path = resolve_model_path(name_or_path)
+    config, cls = _model_class(path)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def is_vlm_config(config: dict) -> bool:
@@ -52,16 +109,12 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu") -> nn.Module:
     """Any HF model: an image-text-to-text VLM when its config has a vision part, else a causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    raw = _read_config(name_or_path)
-    config = AutoConfig.from_pretrained(name_or_path)
-    vlm = is_vlm_config(raw) if raw is not None else hasattr(config, "vision_config")
-    cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+    path = resolve_model_path(name_or_path)
+    _, cls = _model_class(path)
     try:
-        model = cls.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+        model = cls.from_pretrained(path, dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as err:
-        raise IloraError(f"{name_or_path}: cannot load model ({err})") from err
+        raise IloraError(f"{path}: cannot load model ({first_line(err)})") from err
     return model.to(device).eval()
 
 
@@ -73,16 +126,17 @@ def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float3
     """
     from transformers import AutoProcessor
 
-    raw = _read_config(name_or_path)
+    path = resolve_model_path(name_or_path)
+    raw = _read_config(path)
     if raw is not None and not is_vlm_config(raw):
         kind = raw.get("model_type", "unknown")
-        raise IloraError(f"{name_or_path}: model_type {kind!r} has no vision part, not a vision-language model")
-    model = load_model(name_or_path, dtype, device)
+        raise IloraError(f"{path}: model_type {kind!r} has no vision part, not a vision-language model")
+    model = load_model(path, dtype, device)
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path)
+        processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise IloraError(f"{name_or_path}: cannot load the processor ({err})") from err
-    check_processor(model, processor, name_or_path)
+        raise IloraError(f"{path}: cannot load the processor ({first_line(err)})") from err
+    check_processor(model, processor, path)
     return model, processor
 
 
@@ -96,11 +150,14 @@ def load_vlm_merged(
     """A VLM with a PEFT adapter folded into its weights and/or a merged ΔW state added.
 
     Folding (``merge_and_unload``) computes the same function without per-layer adapter
-    overhead at every forward, which is what playing and scoring want.
+    overhead at every forward, which is what playing and scoring want. The adapter is
+    checked first (config, finite weights, modules and shapes of this base), as ``ilora merge`` does.
 
     Returns:
         ``(model, processor)``, the model in eval mode.
     """
+    if adapter is not None:
+        check_modules_fit(check_lora_adapter(adapter), model_weight_shapes(name_or_path), adapter, name_or_path)
     model, processor = load_vlm(name_or_path, dtype, device)
     if adapter is not None:
         from peft import PeftModel

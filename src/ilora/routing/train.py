@@ -28,8 +28,9 @@ def load_model_and_processor(model_path: str | os.PathLike, dtype: str = "float3
     """A VLM with its processor, or a causal LM with its tokenizer."""
     from transformers import AutoTokenizer
 
-    from ilora.models.load import check_processor, load_model
+    from ilora.models.load import check_processor, load_model, resolve_model_path
 
+    model_path = resolve_model_path(model_path)
     model = load_model(model_path, dtype, device)
     if hasattr(model.config, "vision_config"):
         from transformers import AutoProcessor
@@ -70,6 +71,7 @@ def train_adapter(
     out_dir: str | os.PathLike,
     resume: bool = False,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> Path:
     """Train one routed LoRA adapter and save it as a standard PEFT adapter folder.
 
@@ -83,6 +85,7 @@ def train_adapter(
             ``adapter_model.safetensors``, ``routing_config.json``, ``loss_log.json``, ``loss.png``.
         resume: continue from the last checkpoint in ``<out_dir>.run`` if there is one.
         dtype: model dtype.
+        overwrite: replace an existing ``out_dir`` (otherwise refused before training).
 
     Returns:
         ``out_dir``.
@@ -90,6 +93,8 @@ def train_adapter(
     from transformers.trainer_utils import get_last_checkpoint
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise IloraError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
     run_dir = out_dir.with_name(out_dir.name + ".run")
     args = copy.deepcopy(config)
     args.output_dir = str(run_dir)
@@ -144,11 +149,11 @@ def load_sources(specs: Sequence[DataSpec], route: str, where: str) -> list[Sour
     return sources
 
 
-def train_from_config(config: TrainConfig, resume: bool = False) -> Path:
+def train_from_config(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run ``ilora train`` for a loaded ``TrainConfig``."""
     if not config.task_data:
         raise IloraError("task_data: at least one task dataset is needed")
     args = routing_config(config.training)
     task = load_sources(config.task_data, "task", "task_data")
     general = load_sources(config.general_data, "general", "general_data")
-    return train_adapter(config.model, task, general, args, config.out, resume=resume, dtype=config.dtype)
+    return train_adapter(config.model, task, general, args, config.out, resume=resume, dtype=config.dtype, overwrite=overwrite)
