@@ -85,6 +85,47 @@ def action_agreement(agent, rows, n: int) -> dict:
     return {"n": len(rows), "agreement": sum(hits) / len(hits)}
 
 
+def answer_margins(agent, rows, n: int, batch_size: int = 32) -> dict:
+    """How surely ``agent`` (a :class:`~ilora.atari.agent.VLMAgent`) prefers the expert's action
+    on the first ``n`` held-out expert rows, with the play-time answer scores (``score_rows``).
+
+    Args:
+        agent: the agent; its game's action names index the scores.
+        rows: rows with ``images``, ``context``, ``prompt`` and the expert's ``action``.
+        n: rows used (the first ``n``).
+        batch_size: rows per model call.
+
+    Returns:
+        ``{"n", "margins": [score(expert action) − best other action's score], "positive":
+        share of margins > 0, "mean": mean margin}`` (``None`` share and mean without rows).
+    """
+    import torch
+
+    rows = [rows[i] for i in range(min(n, len(rows)))]
+    unknown = sorted({r["action"] for r in rows} - set(agent.action_names))
+    if unknown:
+        from ilora.errors import IloraError
+
+        raise IloraError(f"rows label actions {unknown} that {agent.game.name} does not have")
+    labels = [agent.action_names.index(r["action"]) for r in rows]
+    margins: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            scores = agent.score_rows(rows[start : start + batch_size]).float()
+            label = torch.tensor(labels[start : start + batch_size], device=scores.device)
+            own = scores.gather(1, label[:, None]).squeeze(1)
+            others = scores.scatter(1, label[:, None], float("-inf")).amax(1)
+            margins += (own - others).tolist()
+    if not margins:
+        return {"n": 0, "margins": [], "positive": None, "mean": None}
+    return {
+        "n": len(margins),
+        "margins": margins,
+        "positive": sum(m > 0 for m in margins) / len(margins),
+        "mean": sum(margins) / len(margins),
+    }
+
+
 def evaluate_model(
     base_path: str,
     spec,

@@ -26,7 +26,6 @@ INTERFERENCE_EXAMPLE = """example:
 """
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ilora.config import describe
 
