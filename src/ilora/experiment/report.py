@@ -1,10 +1,5 @@
-"""The experiment's report: the paper's tables on our setting, as Markdown plus PNG plots.
-
-Retention is measured against random play, ``(score_model - random) / (score_single - random)``
-with ``single`` the single-task (plain LoRA) adapter of that game: the paper's plain ratio
-``score_merged / score_single`` is meaningless for games with negative scores (Pong). Its
-95% CI comes from a bootstrap over episodes (both scores resampled, 2,000 draws, fixed seed).
-"""
+"""The experiment's report: the paper's tables on our setting, as Markdown plus PNG plots
+(how retention and its intervals are computed: :mod:`ilora.experiment.results`)."""
 
 from __future__ import annotations
 
@@ -17,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from ilora.experiment import stats
+from ilora.experiment.results import BAR_GAP, NEAR_RANDOM, Results, SeedResults, fmt, merged_models, near_random
+
 # The paper's Table 4 (retention after merging four games), for reference only: its games
 # and scale differ from ours.
 PAPER_RETENTION = {
@@ -24,29 +22,6 @@ PAPER_RETENTION = {
     "best PEFT type (paper, at most)": {"ChopperCommand": 0.203, "Asterix": 0.203, "BattleZone": 0.203, "CrazyClimber": 0.203},
     "joint fine-tuning (paper)": {"ChopperCommand": 0.693, "Asterix": 0.162, "BattleZone": 0.828, "CrazyClimber": 0.454},
 }
-BOOTSTRAP = 2000
-BAR_GAP = 0.5  # share of the random-to-expert gap an agent must close for its game's retention to count
-
-
-def ratio_ci(model: list[float], single: list[float], random: float, seed: int = 0) -> tuple[float, float, float]:
-    """Retention and its bootstrap 95% CI; NaN when the single-task agent does not beat random."""
-    m, s = np.asarray(model, float), np.asarray(single, float)
-    denom = s.mean() - random
-    if len(m) == 0 or len(s) == 0 or denom <= 0:
-        return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    mb = rng.choice(m, (BOOTSTRAP, len(m))).mean(1) - random
-    sb = rng.choice(s, (BOOTSTRAP, len(s))).mean(1) - random
-    ok = sb > 0
-    draws = mb[ok] / sb[ok]
-    lo, hi = (np.percentile(draws, [2.5, 97.5]) if ok.any() else (math.nan, math.nan))
-    return float((m.mean() - random) / denom), float(lo), float(hi)
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
 def score_cell(summary: dict | None) -> str:
     if not summary:
         return "n/a"
@@ -57,59 +32,6 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-class Results:
-    """Read access to every finished stage's result."""
-
-    def __init__(self, experiment) -> None:
-        self.x = experiment
-        self.cfg = experiment.cfg
-        self.games = list(self.cfg.games)
-
-    def evals(self, model: str) -> dict | None:
-        try:
-            return self.x.runner.result(f"eval/{model}")
-        except (KeyError, FileNotFoundError):
-            return None
-
-    def play(self, model: str, game: str) -> dict | None:
-        r = self.evals(model)
-        return None if r is None else r["play"].get(game)
-
-    def reference(self, game: str, who: str) -> dict:
-        return self.x.runner.result(f"eval/reference/{game}")[who]
-
-    def retention(self, model: str, game: str, single: str | None = None) -> tuple[float, float, float]:
-        single = single or f"plain/{game}"
-        m, s = self.play(model, game), self.play(single, game)
-        if m is None or s is None:
-            return math.nan, math.nan, math.nan
-        return ratio_ci(m["scores"], s["scores"], self.reference(game, "random")["mean"], self.cfg.seed)
-
-    def gap_closed(self, model: str, game: str) -> float:
-        p, r, e = self.play(model, game), self.reference(game, "random")["mean"], self.reference(game, "expert")["mean"]
-        return math.nan if p is None or e <= r else (p["mean"] - r) / (e - r)
-
-    def bar_failures(self, game: str) -> list[str]:
-        """Why ``game``'s retention means nothing (empty when it meets the bar).
-
-        The bar: the single-task and the routed agent each close at least half of the
-        random-to-expert gap, with the 95% CI of their score above random's mean score.
-        """
-        random = self.reference(game, "random")["mean"]
-        why = []
-        for kind in ("plain", "routed"):
-            model = f"{kind}/{game}"
-            p, gap = self.play(model, game), self.gap_closed(model, game)
-            if p is None:
-                why.append(f"{kind}: not played")
-                continue
-            if not gap >= BAR_GAP:
-                why.append(f"{kind} closes {fmt(gap)} of the gap")
-            if not p["ci_low"] > random:
-                why.append(f"{kind} CI low {p['ci_low']:.1f} <= random {random:.1f}")
-        return why
 
 
 def retention_row(
@@ -181,20 +103,30 @@ def figure(path: Path, size: tuple[float, float], title: str, ylabel: str, xlabe
     plt.close(fig)
 
 
-def plot_bars(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
-    width = 0.8 / max(1, len(series))
-    with figure(path, (max(6, 0.3 * len(labels) * max(1, len(series))), 4), title, ylabel) as ax:
-        for i, (name, values) in enumerate(series.items()):
-            ax.bar(np.arange(len(labels)) + i * width, [0 if math.isnan(v) else v for v in values], width, label=name)
-        ax.set_xticks(np.arange(len(labels)) + width * (len(series) - 1) / 2)
-        ax.set_xticklabels(labels, rotation=30, ha="right")
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-
-
 def plot_line(path: Path, xs: list[float], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str) -> None:
     with figure(path, (5, 3.6), title, ylabel, xlabel) as ax:
         for name, values in ys.items():
             ax.plot(xs, values, marker="o", label=name)
+
+
+def plot_retention(path: Path, sr: SeedResults, models: dict[str, str | Callable[[str], str]], games: list[str]) -> None:
+    """Grouped bars of retention per method and game with their two-level 95% intervals."""
+    labels = list(models)
+    width = 0.8 / len(games)
+    with figure(path, (max(7.0, 0.9 * len(labels) * len(games) / 2), 4.2),
+                f"Retention over seeds {', '.join(map(str, sr.seeds))} (95% intervals: seeds x episodes)",
+                "retention") as ax:
+        for i, game in enumerate(games):
+            values, lows, highs = [], [], []
+            for label in labels:
+                e = sr.retention(models[label], game)
+                values.append(0.0 if math.isnan(e.value) else e.value)
+                lows.append(0.0 if math.isnan(e.low) else max(0.0, e.value - e.low))
+                highs.append(0.0 if math.isnan(e.high) else max(0.0, e.high - e.value))
+            ax.bar(np.arange(len(labels)) + i * width, values, width, yerr=[lows, highs], capsize=2, label=game)
+        ax.set_xticks(np.arange(len(labels)) + width * (len(games) - 1) / 2)
+        ax.set_xticklabels(labels, rotation=30, ha="right")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
 
 
 def write_report(experiment, folder: Path) -> dict[str, Any]:
@@ -261,26 +193,34 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
             rows.append([model, f"{s['accuracy']:.3f} [{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]", str(s["n"])])
     md += ["## 3. General benchmark accuracy (paper Table 3)", "", table(["model", "accuracy [95% CI]", "n"], rows), ""]
 
-    # Table 4: merges.
-    merge_models = [f"merge/{m}" for m in cfg.merge.methods]
-    rows = [retention_row(res, m.removeprefix("merge/"), m, games, scored) for m in merge_models]
-    rows.append(retention_row(res, "joint multi-task LoRA", "joint", games, scored))
-    rows.append(retention_row(res, "routed single-game adapters", own_adapter("routed"), games, scored))
+    # Table 4: merges (one-shot and iterative), beside the joint adapter and the routed adapters themselves.
+    models = merged_models(cfg)
+    sr = SeedResults(cfg, [experiment])
+    rows = []
+    for label, model in models.items():
+        row = retention_row(res, label, model, games, scored)
+        low = stats.combine([sr.retention(model, g) for g in scored], "min")
+        norm = stats.combine([sr.normalised(model, g) for g in scored], "mean")
+        rows.append([*row, fmt(low.value), fmt(norm.value)])
     rows_table4 = rows
     labels = [r[0] for r in rows[:-1]]
-    best, _ = best_labels(labels, [float(r[-1]) if r[-1] not in ("n/a", "") else math.nan for r in rows[:-1]])
-    point = {g: [res.retention(m, g)[0] for m in [*merge_models, "joint"]] for g in games}
+    best, _ = best_labels(labels, [float(r[-3]) if r[-3] not in ("n/a", "") else math.nan for r in rows[:-1]])
+    point = {g: [res.retention(models[label], g)[0] for label in labels] for g in games}
     md += ["## 4. Retention after merging all games (paper Table 4)", "",
-           table(["method", *games, "mean"], rows), "",
+           table(["method", *games, "mean", "min over games", "expert-normalised (mean)"], rows), "",
            f"Best mean retention: **{', '.join(best) or 'n/a'}**{ilora_remark(best)}. "
-           "A mean over games can hide a loss on one game; the best per game (point estimates, ties listed): "
+           "A mean over games can hide a loss on one game (hence the minimum), and a small single-task denominator "
+           "can inflate a retention (the expert-normalised score `(model - random) / (expert - random)` has none); "
+           "the best per game (point estimates, ties listed): "
            + "; ".join(f"{g}: {best_per_game(labels, point[g])}" for g in games) + ".", ""]
-    plot_bars(folder / "retention.png", labels, point, "retention", "Retention after merging (1 = single-task score)")
+    md += [f"Single-task denominators whose 95% CI reaches within {NEAR_RANDOM:g} of the expert-random gap above "
+           f"random (their retentions are noisy): {', '.join(near) }.", ""] if (near := near_random(res, games)) else []
+    plot_retention(folder / "retention.png", sr, models, games)
     md += ["![retention](retention.png)", "", "Paper, for reference (other games, a 7B model):", "",
            table(["", *PAPER_RETENTION["I-LoRA (paper)"]],
                  [[k, *[f"{v:.3f}" for v in d.values()]] for k, d in PAPER_RETENTION.items()]), ""]
     ag_rows = [[m, *[fmt((res.evals(m) or {}).get("agreement", {}).get(g, {}).get("agreement")) for g in games]]
-               for m in ["base", *[f"plain/{g}" for g in games], *[f"routed/{g}" for g in games], "joint", *merge_models]]
+               for m in ["base", *[f"plain/{g}" for g in games], *[f"routed/{g}" for g in games], *[m for m in models.values() if isinstance(m, str)]]]
     md += ["### Offline agreement with held-out expert actions", "",
            "Share of held-out expert steps where the model picks the expert's action, by the same scoring it plays "
            "with. A cheap second metric on the expert's own states: it does not see where the model's own play "

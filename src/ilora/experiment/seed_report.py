@@ -12,86 +12,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ilora.experiment import stats
 from ilora.experiment.config import ExperimentConfig
-from ilora.experiment.pipeline import iterative_name
-from ilora.experiment.report import Results, figure, fmt, table
+from ilora.experiment.report import plot_retention, table
+from ilora.experiment.results import SeedResults, estimate_cell, fmt, merged_models
 from ilora.fileio import atomic_dir
 
 KEEP_MEAN, KEEP_MIN = 0.9, 0.8  # "keeps every game": mean retention and every game's retention
 GENERAL_TOLERANCE = 0.02  # general accuracy within this of the base's
-
-
-def estimate_cell(e: stats.Estimate) -> str:
-    return f"{fmt(e.value)} [{fmt(e.low)}, {fmt(e.high)}]"
-
-
-class SeedResults:
-    """The replicates' results side by side, with one set of seed picks for every estimate."""
-
-    def __init__(self, config: ExperimentConfig, experiments: Sequence[Any]) -> None:
-        self.cfg = config
-        self.games = list(config.games)
-        self.seeds = [x.cfg.seed for x in experiments]
-        self.results = [Results(x) for x in experiments]
-        self.rng = np.random.default_rng(config.seed)
-        self.picks = stats.seed_picks(len(self.results), self.rng)
-        self.bar = {g: [not r.bar_failures(g) for r in self.results] for g in self.games}
-
-    def cells(self, model: str | Callable[[str], str], game: str, bar_only: bool) -> list[stats.SeedCell] | None:
-        """Per seed, the cell of ``model`` on ``game``; seeds where the game misses the bar are
-        left out when ``bar_only`` (their slot in the picks becomes undefined). ``None`` when a
-        seed did not play it."""
-        name = model(game) if callable(model) else model
-        cells = []
-        for res, meets in zip(self.results, self.bar[game]):
-            played, single = res.play(name, game), res.play(f"plain/{game}", game)
-            if played is None or single is None:
-                return None
-            random, expert = res.reference(game, "random")["mean"], res.reference(game, "expert")["mean"]
-            scores = np.asarray(played["scores"], float)
-            if bar_only and not meets:
-                single = {"scores": [random]}  # a zero denominator: undefined in that seed
-            cells.append(stats.SeedCell(scores, np.asarray(single["scores"], float), random, expert))
-        return cells
-
-    def retention(self, model, game: str) -> stats.Estimate:
-        cells = self.cells(model, game, bar_only=True)
-        return stats.retention(cells, self.picks, self.rng) if cells else _missing(self.picks)
-
-    def normalised(self, model, game: str) -> stats.Estimate:
-        cells = self.cells(model, game, bar_only=False)
-        return stats.normalised_score(cells, self.picks, self.rng) if cells else _missing(self.picks)
-
-    def general(self, model: str) -> float:
-        values = [(r.evals(model) or {}).get("general", {}).get("accuracy") for r in self.results]
-        finite = [v for v in values if v is not None]
-        return float(np.mean(finite)) if len(finite) == len(values) else math.nan
-
-
-def _missing(picks: np.ndarray) -> stats.Estimate:
-    return stats.Estimate(math.nan, math.nan, math.nan, np.full(picks.shape[0], np.nan))
-
-
-def merged_models(cfg: ExperimentConfig) -> dict[str, str]:
-    """Label -> model of every merge of all the routed adapters (one-shot and iterative), then
-    the references they are compared with."""
-    games = list(cfg.games)
-    models = {m: f"merge/{m}" for m in cfg.merge.methods}
-    for method in (["ilora"] if cfg.merge.iterative else []) + list(cfg.merge.iterative_methods):
-        models[f"{method} (iterative)"] = iterative_name(method, games, len(games))
-    models["joint multi-task LoRA"] = "joint"
-    return models
-
-
-def own_routed(game: str) -> str:
-    return f"routed/{game}"
 
 
 def write_seed_report(config: ExperimentConfig, experiments: Sequence[Any], out: Path) -> Path:
@@ -119,16 +52,15 @@ def write_seed_report(config: ExperimentConfig, experiments: Sequence[Any], out:
                f"{', '.join(g for g in games if g not in counted)}.", ""]
 
     rows, summary_rows, estimates = [], {}, {}
-    models = {**merged_models(config), **{"routed single-game adapters": None}}
+    models = merged_models(config)
     for label, model in models.items():
-        model = model or own_routed
         per_game = {g: sr.retention(model, g) for g in games}
         normalised = [sr.normalised(model, g) for g in counted]
         mean = stats.combine([per_game[g] for g in counted], "mean")
         low = stats.combine([per_game[g] for g in counted], "min")
         norm = stats.combine(normalised, "mean")
         estimates[label] = mean
-        general = sr.general(model) if isinstance(model, str) else math.nan
+        general = sr.general(model)
         keeps = mean.value >= KEEP_MEAN and low.value >= KEEP_MIN
         rows.append([label, *[estimate_cell(per_game[g]) for g in games], estimate_cell(mean), estimate_cell(low),
                      estimate_cell(norm), fmt(general, 3), "yes" if keeps else "no"])
@@ -166,23 +98,3 @@ def _best_line(estimates: dict[str, stats.Estimate]) -> str:
                 "of the paired difference over seeds x episodes excludes 0.")
     return (f"Highest mean retention: {best} ({fmt(top)}), but it does not separate from {runner_up} ({fmt(second)}): "
             "the 95% interval of their paired difference includes 0, so no method is called best.")
-
-
-def plot_retention(path: Path, sr: SeedResults, models: dict[str, str | None], games: list[str]) -> None:
-    """Grouped bars of retention per method and game with their two-level 95% intervals."""
-    labels = list(models)
-    width = 0.8 / len(games)
-    with figure(path, (max(7.0, 0.9 * len(labels) * len(games) / 2), 4.2),
-                f"Retention over seeds {', '.join(map(str, sr.seeds))} (95% intervals: seeds x episodes)",
-                "retention") as ax:
-        for i, game in enumerate(games):
-            values, lows, highs = [], [], []
-            for label in labels:
-                e = sr.retention(models[label] or own_routed, game)
-                values.append(0.0 if math.isnan(e.value) else e.value)
-                lows.append(0.0 if math.isnan(e.low) else max(0.0, e.value - e.low))
-                highs.append(0.0 if math.isnan(e.high) else max(0.0, e.high - e.value))
-            ax.bar(np.arange(len(labels)) + i * width, values, width, yerr=[lows, highs], capsize=2, label=game)
-        ax.set_xticks(np.arange(len(labels)) + width * (len(games) - 1) / 2)
-        ax.set_xticklabels(labels, rotation=30, ha="right")
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
