@@ -91,7 +91,9 @@ class LoraOutputRecorder:
     The hooks only keep references to each layer's LoRA-A output and lora_B weight; when the
     block ends the squared norms are computed in Gram form (``losses.lora_b_squared_norms``)
     on the recorded rows/images only, one batched computation per group of layers with the
-    same shapes. ``sums`` and ``counts`` (per layer name) are complete from then on.
+    same shapes. ``sums`` and ``counts`` (per layer name) are complete from then on;
+    ``units`` counts the recorded tokens (language layers) or images (vision and projector
+    layers) behind each layer's positions.
 
     Args:
         model: a PEFT-wrapped model.
@@ -117,6 +119,8 @@ class LoraOutputRecorder:
         self._groups: list[tuple[list[str], torch.Tensor]] = []  # (layer names, their scaled sums)
         self._squared_scalings: dict[tuple, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.units: dict[str, int] = {}
+        self._counts_images = {ref.name: ref.part != "language" for ref in self.layers}
         self.outputs: dict[str, list[torch.Tensor]] = {}
         self._handles = [ref.layer.lora_B[adapter].register_forward_hook(self._hook_for(ref)) for ref in self.layers]
 
@@ -129,30 +133,31 @@ class LoraOutputRecorder:
                 sums[name] = sums[name] + total if name in sums else total
         return sums
 
-    def _positions(self, ref: LoraLayerRef, output: torch.Tensor) -> tuple[_Selection | None, int]:
-        """The recorded positions of this layer's output and their count (``None``: every position)."""
+    def _positions(self, ref: LoraLayerRef, output: torch.Tensor) -> tuple[_Selection | None, int, int]:
+        """The recorded positions of this layer's output (``None``: every position), their count, and
+        the tokens or images they belong to (each first-dimension slice of a vision output is one image)."""
         shape = output.shape[:-1]
         if ref.part == "language":
             tokens = self._tokens
             if tokens is not None and shape == tokens.attention_mask.shape:
-                return tokens, tokens.count
+                return tokens, tokens.count, tokens.count
             if self._rows_selected:
                 raise IloraError(
                     f"{ref.name}: LoRA-B output of shape {tuple(output.shape)} does not match the batch's "
                     f"tokens {tuple(tokens.attention_mask.shape)}; cannot tell which rows its positions belong to"
                 )
-            return None, shape.numel()
+            return None, shape.numel(), shape.numel()
         images = self._images
         if images is None:
             if self._rows_selected:
                 raise IloraError(f"{ref.name}: recording selected rows of a batch with images needs n_images")
-            return None, shape.numel()
+            return None, shape.numel(), shape[0] if len(shape) else 1
         if len(shape) < 1 or shape[0] != images.n_slices:
             raise IloraError(
                 f"{ref.name}: LoRA-B output of shape {tuple(output.shape)} is not one slice per image "
                 f"({images.n_slices} images); cannot tell which rows its positions belong to"
             )
-        return images, images.count * shape[1:].numel()
+        return images, images.count * shape[1:].numel(), images.count
 
     def _hook_for(self, ref: LoraLayerRef):
         name = ref.name
@@ -160,8 +165,9 @@ class LoraOutputRecorder:
         def hook(module, args, output):
             if not self._active:
                 return
-            selection, count = self._positions(ref, output)
+            selection, count, units = self._positions(ref, output)
             self.counts[name] = self.counts.get(name, 0) + count
+            self.units[name] = self.units.get(name, 0) + units
             scaling = ref.scaling(self.adapter)
             if module.bias is None:
                 # Computed when the block ends, batched with the layers of the same shape.
@@ -224,7 +230,7 @@ class LoraOutputRecorder:
             keep_previous: add to the previous blocks' records instead of clearing them.
         """
         if not keep_previous:
-            self._groups, self.counts, self.outputs = [], {}, {}
+            self._groups, self.counts, self.units, self.outputs = [], {}, {}, {}
         self._tokens = self._images = None
         if rows is None:
             if attention_mask is not None:
@@ -277,16 +283,35 @@ class LoraOutputRecorder:
         image_index = None if len(kept) == total else torch.tensor(kept, dtype=torch.long, device=device)
         return tokens, _Selection(image_index, None, len(kept), total, device)
 
-    def norm_loss(self) -> torch.Tensor:
+    def norm_loss(self, batch_units: torch.Tensor | None = None) -> torch.Tensor:
         """``L_norm`` of the last recorded block: per layer the mean over its recorded positions,
-        summed over layers (as ``losses.lora_norm_loss``, one division per group of layers)."""
+        summed over layers (as ``losses.lora_norm_loss``, one division per group of layers).
+
+        Args:
+            batch_units: float ``[2]``, the tokens and the images of a larger batch the recorded
+                rows are part of (the general rows of every micro-batch of one optimiser step),
+                each >= 1. Each layer's sum is then divided by its positions in that batch instead:
+                the tokens for a language layer, the images times its positions per image for a
+                vision or projector layer, so that the parts' losses add up to the batch's
+                ``L_norm``. The rows must have been recorded with their ``n_images``.
+        """
         terms = []
         for names, totals in self._groups:
-            counts = [max(self.counts[n], 1) for n in names]  # a layer with no position has a zero sum
-            if len(set(counts)) == 1:  # layers of a group share their positions: no host-to-device copy
-                terms.append(totals.sum() / counts[0])
+            # A layer with no position has a zero sum: any divisor >= 1 will do.
+            if batch_units is None:
+                divisors = [(max(self.counts[n], 1), 0) for n in names]
+            else:  # (positions per token or image, index in batch_units)
+                divisors = [
+                    (max(self.counts[n], 1) / max(self.units[n], 1), int(self._counts_images[n])) for n in names
+                ]
+            if len(set(divisors)) == 1:  # layers of a group share their positions: no host-to-device copy
+                per_unit, unit = divisors[0]
+                terms.append(totals.sum() / (per_unit if batch_units is None else per_unit * batch_units[unit]))
             else:
-                terms.append((totals / torch.tensor(counts, dtype=torch.float32, device=totals.device)).sum())
+                divisor = torch.tensor([d[0] for d in divisors], dtype=torch.float32, device=totals.device)
+                if batch_units is not None:
+                    divisor = divisor * batch_units[[d[1] for d in divisors]]
+                terms.append((totals / divisor).sum())
         if not terms:
             return torch.zeros(())
         return terms[0] if len(terms) == 1 else torch.stack(terms).sum()

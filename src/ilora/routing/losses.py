@@ -27,12 +27,22 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return rows, cols, shifted[rows, cols]
 
 
-def causal_lm_loss(target_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the target tokens (float32 whatever the logits dtype).
+def target_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, how many next-token predictions ``target_positions`` finds (``[B]``, no host sync)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+
+
+def causal_lm_loss(
+    target_logits: torch.Tensor, targets: torch.Tensor, num_items: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy summed over the target tokens and divided by their number, or by
+    ``num_items`` (float32 whatever the logits dtype).
 
     Args:
         target_logits: ``[N, V]`` logits at the N target positions.
-        targets: ``[N]`` token ids; ``IGNORE_INDEX`` entries take no part (nor in the mean).
+        targets: ``[N]`` token ids; ``IGNORE_INDEX`` entries take no part (nor in the count).
+        num_items: the divisor when these targets are part of a larger batch (the target tokens of
+            every micro-batch of one optimiser step); ``None``: the targets counted here.
 
     Returns:
         Scalar loss; ``0`` (still attached to the graph) when no target counts.
@@ -40,7 +50,14 @@ def causal_lm_loss(target_logits: torch.Tensor, targets: torch.Tensor) -> torch.
     if targets.numel() == 0:
         return target_logits.sum() * 0.0
     total = F.cross_entropy(target_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
+    if num_items is None:
+        num_items = (targets != IGNORE_INDEX).sum()
+    return total / _at_least_one(num_items)
+
+
+def _at_least_one(count: torch.Tensor | int) -> torch.Tensor | int:
+    """A divisor that is never 0 (an empty sum divided by it stays 0)."""
+    return count.clamp_min(1) if torch.is_tensor(count) else max(count, 1)
 
 
 def _kl_chunks(base_logits: torch.Tensor, lora_logits: torch.Tensor, chunk_size: int, grad: torch.Tensor | None):
@@ -80,8 +97,14 @@ class _ChunkedKL(torch.autograd.Function):
         return None, grad * grad_total.to(grad.dtype), None
 
 
-def kl_base_lora(base_logits: torch.Tensor, lora_logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Mean over positions of ``KL(p_base ‖ p_lora)``, computed in float32 chunks of positions.
+def kl_base_lora(
+    base_logits: torch.Tensor,
+    lora_logits: torch.Tensor,
+    chunk_size: int = 1024,
+    num_items: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Mean over positions of ``KL(p_base ‖ p_lora)``, computed in float32 chunks of positions
+    (the sum divided by ``num_items`` when given).
 
     At most ``chunk_size × V`` float32 values live at a time even with a 150k-token
     vocabulary; with gradients, the gradient is formed in the same pass (``_ChunkedKL``).
@@ -91,6 +114,8 @@ def kl_base_lora(base_logits: torch.Tensor, lora_logits: torch.Tensor, chunk_siz
             may be an inference-mode tensor).
         lora_logits: ``[N, V]`` logits of the model with its adapter, same positions.
         chunk_size: positions per chunk.
+        num_items: the divisor when these positions are part of a larger batch (the positions
+            of every micro-batch of one optimiser step); ``None``: ``N``.
 
     Returns:
         Scalar mean KL; ``0`` (attached to the graph) when ``N == 0``. Exactly 0 when the
@@ -99,9 +124,10 @@ def kl_base_lora(base_logits: torch.Tensor, lora_logits: torch.Tensor, chunk_siz
     n = lora_logits.shape[0]
     if n == 0:
         return lora_logits.sum() * 0.0
+    divisor = n if num_items is None else _at_least_one(num_items)
     if lora_logits.requires_grad and torch.is_grad_enabled():
-        return _ChunkedKL.apply(base_logits, lora_logits, chunk_size) / n
-    return _kl_chunks(base_logits, lora_logits, chunk_size, None) / n
+        return _ChunkedKL.apply(base_logits, lora_logits, chunk_size) / divisor
+    return _kl_chunks(base_logits, lora_logits, chunk_size, None) / divisor
 
 
 class _LowRankSquaredNorms(torch.autograd.Function):

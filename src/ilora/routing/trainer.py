@@ -1,12 +1,17 @@
 """Routing tuning as a ``transformers.Trainer``: task rows learn, general rows keep the adapter silent.
 
-Per micro-batch (SPEC §1):
+Per optimiser step (SPEC §1):
 
 - task rows: ``L_lm``, next-token cross-entropy on their labels;
 - general rows: ``L_kl = KL(p_base ‖ p_lora)`` at their target tokens, ``p_base`` from the same
   PEFT model under ``disable_adapter()`` without gradient, and ``L_norm``, the per-layer mean
   of ``‖lora_B output‖²`` over their positions (image patches included), summed over layers;
 - ``loss = eps_lm·L_lm + eps_kl·L_kl + eps_norm·L_norm``.
+
+Each term is a mean over the whole accumulated batch: a micro-batch adds its sum divided by
+that term's count over every micro-batch of the step on every process (``TermCounts``, as the
+Trainer does with ``num_items_in_batch``), so batch size × accumulation steps × processes
+never changes the update, even where a micro-batch lacks a route.
 
 A step is one forward of the adapted model over all rows (as plain LoRA does), with the
 forward hook on every ``lora_B`` recording under a per-row mask that covers the general
@@ -37,12 +42,34 @@ from ilora.models.load import image_token_id
 from ilora.routing.collator import RoutingCollator, route_counts, select_rows
 from ilora.routing.hooks import LoraOutputRecorder
 from ilora.routing.lora import AdapterSwitch, apply_lora
-from ilora.routing.losses import causal_lm_loss, kl_base_lora, target_positions
+from ilora.routing.losses import causal_lm_loss, kl_base_lora, target_counts, target_positions
 from ilora.routing.prefix import forward_with_shared_prefix, plan_forwards, shared_prefix_length
 
 logger = logging.getLogger(__name__)
 
 TERMS = ("lm", "kl", "norm")
+
+
+@dataclass
+class TermCounts:
+    """What each loss term of one optimiser step is divided by: its items in every micro-batch
+    of the step, on every process the counts were summed over.
+
+    Attributes:
+        lm: task rows' target tokens (``L_lm``).
+        kl: general rows' target tokens (``L_kl``).
+        norm_units: float ``[2]``, general rows' tokens and images, each >= 1 (``L_norm``:
+            language layers count tokens, vision and projector layers the patches of images).
+        processes: the processes summed over; DDP averages gradients over them, so each
+            process's loss is multiplied by it.
+
+    A count that is ``None`` leaves its term a mean over the micro-batch's own items.
+    """
+
+    lm: torch.Tensor | None
+    kl: torch.Tensor | None
+    norm_units: torch.Tensor | None
+    processes: int = 1
 
 
 @dataclass
@@ -83,6 +110,16 @@ class RoutingConfig(TrainingArguments):
                 raise IloraError(f"{name} = {getattr(self, name)}: loss weights must be >= 0")
         if self.kl_chunk_size < 1:
             raise IloraError(f"kl_chunk_size = {self.kl_chunk_size}: must be >= 1")
+        if self.activation_checkpointing and self.eps_norm > 0:
+            # L_norm's gradient runs through the LoRA outputs recorded in the first forward; a
+            # reentrant checkpoint runs that forward without a graph, so most of it would be lost.
+            kwargs = dict(self.activation_checkpointing_kwargs or {})
+            if kwargs.setdefault("use_reentrant", False):
+                raise IloraError(
+                    "activation_checkpointing_kwargs use_reentrant=True drops L_norm's gradient (eps_norm > 0); "
+                    "use use_reentrant=False"
+                )
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
 
     @property
     def routes_general(self) -> bool:
@@ -140,8 +177,10 @@ class RoutingTrainer(Trainer):
                 raise IloraError("RoutingTrainer needs processing_class (processor or tokenizer) or a data_collator")
             kwargs["data_collator"] = RoutingCollator(processing_class)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
-        # Each micro-batch loss is a mean; the Trainer divides it by the accumulation steps.
+        # The model computes no loss; compute_loss divides each term by its count over the whole
+        # optimiser step (get_batch_samples), so the Trainer must not divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = True
         # Hooks only where the norm term needs them (plain LoRA runs without).
         self.recorder = LoraOutputRecorder(model) if args.eps_norm > 0 else None
         self._adapter_switch = AdapterSwitch(model)
@@ -150,7 +189,9 @@ class RoutingTrainer(Trainer):
         self._image_token = image_token_id(base.config)
         self._cache_arg = cache_argument(base)
         self._share_prefix: bool | None = None  # None: not checked on this model yet
+        # Per term, since the last log: the sum of its values and the micro-batches that had it.
         self._term_sums = torch.zeros(len(TERMS), 2, device=args.device)
+        self._steps_since_log = 0
         self._weight_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _logit_request(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -225,9 +266,12 @@ class RoutingTrainer(Trainer):
                           "task" if bool(is_task[rows[0]]) else "general"))
         return units
 
-    def routing_terms(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def routing_terms(
+        self, model, inputs: dict[str, torch.Tensor], counts: TermCounts | None = None
+    ) -> dict[str, torch.Tensor]:
         """The loss terms present in this micro-batch (``lm`` when it has task rows; ``kl``
-        and/or ``norm`` when it has general rows and their weight is non-zero).
+        and/or ``norm`` when it has general rows and their weight is non-zero): each term's sum
+        over this micro-batch divided by its ``counts`` (``None``: by its own items, a mean).
 
         One forward of the adapted model over all rows, the LoRA-B recorder masked to the
         general rows (their tokens and their images), or, when it saves enough padding
@@ -251,8 +295,8 @@ class RoutingTrainer(Trainer):
             rows, positions, targets = target_positions(batch["labels"])
             record = contextlib.nullcontext()
             if unit != "task" and args.eps_norm > 0:  # one L_norm over every unit's general positions
-                selection = (~rows_task, rows_images) if unit == "mixed" else (None, None)
-                record = self.recorder.record(batch["attention_mask"], *selection, keep_previous=recorded)
+                # With the rows' images known, each layer's positions per token or image are too.
+                record = self.recorder.record(batch["attention_mask"], ~rows_task, rows_images, keep_previous=recorded)
                 recorded = True
             with record:
                 logits = self._target_logits(model, batch, rows, positions, share_prefix=unit == "task")
@@ -272,17 +316,40 @@ class RoutingTrainer(Trainer):
                 switch = self._adapter_switch
                 with torch.inference_mode(), switch.disabled():
                     base_logits.append(self._target_logits(switch.peft_model, general, g_rows, g_positions, share_prefix=True))
+        counts = counts or TermCounts(None, None, None)
         terms: dict[str, torch.Tensor] = {}
         if has_task:
-            terms["lm"] = causal_lm_loss(_joined(lm_logits), _joined(lm_targets))
+            terms["lm"] = causal_lm_loss(_joined(lm_logits), _joined(lm_targets), counts.lm)
         if has_general and args.eps_norm > 0:
-            terms["norm"] = self.recorder.norm_loss().to(lora_logits[0].device)
+            terms["norm"] = self.recorder.norm_loss(counts.norm_units).to(lora_logits[0].device)
         if has_general and args.eps_kl > 0:
-            terms["kl"] = kl_base_lora(_joined(base_logits), _joined(lora_logits), args.kl_chunk_size)
+            terms["kl"] = kl_base_lora(_joined(base_logits), _joined(lora_logits), args.kl_chunk_size, counts.kl)
         return terms
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        terms = self.routing_terms(model, inputs)
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, TermCounts]:
+        """The micro-batches of one optimiser step and, in place of the Trainer's label count, their
+        ``TermCounts``, summed over processes when the Trainer would sum its count
+        (``average_tokens_across_devices``)."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._steps_since_log += 1
+        counts = torch.zeros(4, dtype=torch.long, device=device)  # lm, kl, norm tokens, norm images
+        for batch in batch_samples:
+            task = batch["is_task"].to(device, torch.long)
+            general = 1 - task
+            targets, tokens = target_counts(batch["labels"]).to(device), batch["attention_mask"].to(device).sum(1)
+            n_images = batch["n_images"].to(device)
+            counts += torch.stack([(targets * task).sum(), (targets * general).sum(), (tokens * general).sum(),
+                                   (n_images * general).sum()])
+        processes = 1
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts, processes = self.accelerator.reduce(counts, "sum"), self.accelerator.num_processes
+        counts = counts.clamp_min(1)  # an absent term's sum is 0 whatever it is divided by
+        return batch_samples, TermCounts(counts[0], counts[1], counts[2:].float(), processes)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch: TermCounts | None = None):
+        """``Σ eps·term`` of this micro-batch, each term normalised over the optimiser step by the
+        ``TermCounts`` from ``get_batch_samples`` (outside training: this micro-batch's means)."""
+        terms = self.routing_terms(model, inputs, num_items_in_batch)
         names = tuple(name for name in TERMS if name in terms)
         if not names:
             raise IloraError("a micro-batch produced no loss term (no task rows, and general rows get no weight)")
@@ -291,6 +358,8 @@ class RoutingTrainer(Trainer):
         loss = (values * weights).sum()
         if model.training:
             self._term_sums.index_add_(0, index, torch.stack([values.detach(), torch.ones_like(values)], 1))
+        if num_items_in_batch is not None:
+            loss = loss * num_items_in_batch.processes
         return (loss, {"terms": terms}) if return_outputs else loss
 
     def _term_weights(self, names: tuple[str, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,13 +374,17 @@ class RoutingTrainer(Trainer):
         return self._weight_cache[key]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each loss term since the last log (over all processes) to training logs."""
+        """Add each loss term's mean per optimiser step since the last log (over all processes) to
+        training logs, for the terms some micro-batch had: a step without a term adds 0 to it, as
+        to the loss, so ``loss = Σ eps·loss_<term>``."""
         if "loss" in logs:
             sums = self.accelerator.reduce(self._term_sums.clone(), "sum").cpu()
+            steps = max(self._steps_since_log, 1)
             for (total, count), name in zip(sums.tolist(), TERMS):
                 if count > 0:
-                    logs[f"loss_{name}"] = round(total / count, 8)
+                    logs[f"loss_{name}"] = round(total / steps, 8)
             self._term_sums.zero_()
+            self._steps_since_log = 0
         super().log(logs, start_time)
 
 
