@@ -28,16 +28,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="ilora", help="merge method (default: ilora); see --list-methods")
     p.add_argument("--keep", type=float, help="ilora: fraction of each adapter's rank kept (default 0.8)")
     p.add_argument("--density", type=float, help="ties/dare/magnitude_prune (and peft:*): fraction kept (default 0.5)")
-    p.add_argument("--weights", type=lambda s: [float(x) for x in s.split(",")], help="comma-separated weight per input")
+    p.add_argument("--weights", type=comma_floats, help="comma-separated weight per input")
     p.add_argument("--seed", type=int, help="seed for randomised steps (SVD start block, DARE masks)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other method option")
-    p.add_argument("--base", help="base model folder (needed by peft:* and --save-model)")
+    p.add_argument("--base", help="base model folder or 'builtin' (needed by peft:* and --save-model)")
     p.add_argument("--export-lora", type=int, metavar="RANK", help="also write OUT/lora_rankRANK, a PEFT adapter")
     p.add_argument("--save-model", action="store_true", help="also write OUT/model, the merged full model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--list-methods", action="store_true", help="print the merge methods and exit")
     p.set_defaults(func=run_merge)
     register_grams(subparsers)
+
+
+def comma_floats(text: str) -> list[float]:
+    """``--weights 1,0.5`` -> ``[1.0, 0.5]``."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers, e.g. 1,0.5") from None
 
 
 def method_options(args: argparse.Namespace) -> dict:

@@ -15,40 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ilora.errors import IloraError
 from ilora.fileio import file_sha256
 from ilora.merge import ops
+from ilora.models.adapter import (
+    ADAPTER_CONFIG,
+    PEFT_PREFIX,
+    lora_module_shapes,
+    lora_weights_file,
+    read_json_object,
+    read_lora_config,
+    read_tensor,
+    safetensors_shapes,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGE_RECORD = "merge_record.json"
 RECORD_FORMAT = "ilora-merged-state"
-PEFT_PREFIX = "base_model.model."
-
-# LoraConfig keys that make a module something other than plain ``s·B@A`` on ``W``
-# (or that train extra full weights). Any truthy value is refused.
-UNSUPPORTED_LORA_OPTIONS = (
-    "use_dora",
-    "lora_bias",
-    "use_qalora",
-    "use_bdlora",
-    "fan_in_fan_out",
-    "layer_replication",
-    "target_parameters",
-    "alora_invocation_tokens",
-    "arrow_config",
-    "modules_to_save",
-    "trainable_token_indices",
-    "kasa_config",
-    "monteclora_config",
-    "velora_config",
-)
-# Initialisations that also rewrite the base weights, so the adapter is not a delta on W.
-BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
-
 
 @dataclass
 class LowRankDelta:
@@ -79,40 +63,6 @@ class DenseDelta:
 ModuleDelta = LowRankDelta | DenseDelta
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IloraError(f"{path}: not readable JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise IloraError(f"{path}: expected a JSON object")
-    return data
-
-
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    if not path.is_file():
-        raise IloraError(f"{path}: missing safetensors file")
-    try:
-        with safe_open(path, "pt") as fh:
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise IloraError(f"{path}: corrupt safetensors file ({err})") from err
-
-
-def _read_tensor(path: Path, key: str) -> torch.Tensor:
-    try:
-        with safe_open(path, "pt") as fh:
-            tensor = fh.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise IloraError(f"{path}: cannot read tensor {key!r} ({err})") from err
-    if not tensor.is_floating_point():
-        raise IloraError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected floating point")
-    tensor = tensor.float()  # bf16/fp16 adapters: the maths is float32
-    if not bool(torch.isfinite(tensor).all()):
-        raise IloraError(f"{path}: tensor {key!r} contains NaN or Inf")
-    return tensor
-
-
 def same_base(a: str | None, b: str | None) -> bool:
     """Whether two recorded base-model names denote the same model (unknown matches anything)."""
     if not a or not b:
@@ -134,42 +84,10 @@ class LoraAdapter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.config = _read_json(self.path / ADAPTER_CONFIG)
-        self.weights_file = self.path / ADAPTER_WEIGHTS
-        where = self.path / ADAPTER_CONFIG
-        if self.config.get("peft_type", "LORA") != "LORA":
-            raise IloraError(f"{where}: peft_type {self.config.get('peft_type')!r} is not LORA")
-        for key in UNSUPPORTED_LORA_OPTIONS:
-            if self.config.get(key):
-                raise IloraError(f"{where}: {key}={self.config[key]!r} is not a plain s·B@A LoRA; refusing to merge it")
-        init = self.config.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
-            raise IloraError(f"{where}: init_lora_weights={init!r} rewrites the base weights; convert it to plain LoRA first")
+        self.config = read_lora_config(self.path)
+        self.weights_file = lora_weights_file(self.path)
         self.base_model: str | None = self.config.get("base_model_name_or_path")
-        self._shapes = self._module_shapes(_safetensors_shapes(self.weights_file))
-
-    def _module_shapes(self, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int, int]]:
-        pairs: dict[str, dict[str, tuple[int, ...]]] = {}
-        for key, shape in tensors.items():
-            for part in ("lora_A", "lora_B"):
-                suffix = f".{part}.weight"
-                if key.endswith(suffix):
-                    module = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
-                    pairs.setdefault(module, {})[part] = shape
-                    break
-            else:
-                raise IloraError(f"{self.weights_file}: tensor {key!r} is not a plain LoRA A/B weight; refusing to merge")
-        shapes = {}
-        for module, parts in sorted(pairs.items()):
-            a, b = parts.get("lora_A"), parts.get("lora_B")
-            if a is None or b is None:
-                raise IloraError(f"{self.weights_file}: module {module!r} lacks lora_{'A' if a is None else 'B'}")
-            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-                raise IloraError(f"{self.weights_file}: module {module!r} has A {a} and B {b}, not a linear LoRA pair")
-            shapes[module] = (b[0], a[1], a[0])
-        if not shapes:
-            raise IloraError(f"{self.weights_file}: no LoRA modules found")
-        return shapes
+        self._shapes = lora_module_shapes(self.weights_file)
 
     @property
     def modules(self) -> dict[str, tuple[int, int]]:
@@ -190,8 +108,8 @@ class LoraAdapter:
     def load(self, module: str) -> LowRankDelta:
         key = f"{PEFT_PREFIX}{module}"
         return LowRankDelta(
-            lora_B=_read_tensor(self.weights_file, f"{key}.lora_B.weight"),
-            lora_A=_read_tensor(self.weights_file, f"{key}.lora_A.weight"),
+            lora_B=read_tensor(self.weights_file, f"{key}.lora_B.weight"),
+            lora_A=read_tensor(self.weights_file, f"{key}.lora_A.weight"),
             scale=self.scale(module),
         )
 
@@ -214,7 +132,7 @@ class SafetensorsDeltas(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.weight_map:
             raise KeyError(key)
-        return _read_tensor(self.root / self.weight_map[key], key)
+        return read_tensor(self.root / self.weight_map[key], key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
@@ -260,7 +178,7 @@ class MergedState:
 def load_merged_state(path: str | os.PathLike) -> MergedState:
     """Open a merged-state folder written by ``ilora merge`` (lazy: no tensor is read yet)."""
     root = Path(path)
-    record = _read_json(root / MERGE_RECORD)
+    record = read_json_object(root / MERGE_RECORD)
     if record.get("format") != RECORD_FORMAT:
         raise IloraError(f"{root / MERGE_RECORD}: format {record.get('format')!r} is not {RECORD_FORMAT!r}")
     weight_map = record.get("weight_map") or {}
@@ -268,7 +186,7 @@ def load_merged_state(path: str | os.PathLike) -> MergedState:
         raise IloraError(f"{root / MERGE_RECORD}: lists no tensors")
     shapes: dict[str, tuple[int, ...]] = {}
     for name in sorted(set(weight_map.values())):
-        in_file = _safetensors_shapes(root / name)
+        in_file = safetensors_shapes(root / name)
         for key, file in weight_map.items():
             if file == name:
                 if key not in in_file or len(in_file[key]) != 2:

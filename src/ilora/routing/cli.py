@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("config", help="YAML config (see configs/train_*.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--resume", action="store_true", help="resume from the last checkpoint in <out>.run")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing <out> adapter folder")
     train.set_defaults(func=run_train)
 
     analyze = subparsers.add_parser("analyze", help="analyse trained adapters")
@@ -103,7 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ilora.routing.train import train_from_config
 
     config = load_yaml(TrainConfig, args.config, args.set)
-    out = train_from_config(config, resume=args.resume)
+    out = train_from_config(config, resume=args.resume, overwrite=args.overwrite)
     print(f"adapter -> {out}")
     return 0
 
