@@ -20,6 +20,42 @@ from ilora.merge.registry import MergeMethod, input_weights, module_generator, r
 RULES = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
+def apply_rule(
+    rule: str,
+    tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    density: float,
+    majority_sign_method: str,
+    seed: int = 0,
+) -> torch.Tensor:
+    """One of ``RULES`` over same-shape tensors, by PEFT's ``merge_utils``.
+
+    Args:
+        rule: one of ``RULES``.
+        tensors: the task tensors.
+        weights: one weight per tensor.
+        density: fraction of entries kept by pruning (ignored by ``task_arithmetic``).
+        majority_sign_method: TIES sign election, ``"total"`` or ``"frequency"``.
+        seed: torch seed of DARE's random drop masks (the global RNG is restored afterwards).
+
+    Returns:
+        The merged tensor.
+    """
+    sign = {"majority_sign_method": majority_sign_method}
+    if rule == "task_arithmetic":
+        return merge_utils.task_arithmetic(tensors, weights)
+    if rule == "magnitude_prune":
+        return merge_utils.magnitude_prune(tensors, weights, density)
+    if rule == "ties":
+        return merge_utils.ties(tensors, weights, density, **sign)
+    # DARE draws its masks from torch's global RNG: seed it, then restore it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if rule == "dare_linear":
+            return merge_utils.dare_linear(tensors, weights, density)
+        return merge_utils.dare_ties(tensors, weights, density, **sign)
+
+
 @register("task_arithmetic", rule="task_arithmetic")
 @register("ties", rule="ties")
 @register("dare_linear", rule="dare_linear")
@@ -48,19 +84,6 @@ class DeltaRuleMerge(MergeMethod):
         present = [(d.dense(), w) for d, w in zip(deltas, weights) if d is not None]
         tensors = [t for t, _ in present]
         w = torch.tensor([w for _, w in present])
-        sign = {"majority_sign_method": self.majority_sign_method}
-        if self.rule == "task_arithmetic":
-            merged = merge_utils.task_arithmetic(tensors, w)
-        elif self.rule == "magnitude_prune":
-            merged = merge_utils.magnitude_prune(tensors, w, self.density)
-        elif self.rule == "ties":
-            merged = merge_utils.ties(tensors, w, self.density, **sign)
-        else:
-            # DARE draws its masks from torch's global RNG: seed it per module, then restore it.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(module_generator(self.seed, module).initial_seed()))
-                if self.rule == "dare_linear":
-                    merged = merge_utils.dare_linear(tensors, w, self.density)
-                else:
-                    merged = merge_utils.dare_ties(tensors, w, self.density, **sign)
+        seed = int(module_generator(self.seed, module).initial_seed())  # DARE's masks: per module
+        merged = apply_rule(self.rule, tensors, w, self.density, self.majority_sign_method, seed)
         return merged, {"n_inputs": len(present)}

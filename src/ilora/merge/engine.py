@@ -14,7 +14,9 @@ from ilora.fileio import atomic_dir
 from ilora.merge import export
 from ilora.merge.io import (
     RECORD_FORMAT,
+    DeltaMap,
     LoraAdapter,
+    LowRankDelta,
     MergedState,
     MergedStateWriter,
     load_merged_state,
@@ -140,16 +142,22 @@ def merge_adapters(
         for module, delta, record in bar:
             _check_finite(module, delta, method)
             deltas[f"{module}.weight"], records[module] = delta, record
-        return MergedState(deltas, records, meta)
+        return MergedState(DeltaMap(deltas), records, meta)
 
     with atomic_dir(out, overwrite) as tmp:
         writer, records = MergedStateWriter(tmp, shard_bytes), {}
         for module, delta, record in bar:
             _check_finite(module, delta, method)
-            writer.add(f"{module}.weight", delta)
+            if isinstance(delta, LowRankDelta):
+                writer.add_factored(module, delta)
+            else:
+                writer.add(f"{module}.weight", delta)
             records[module] = record
         weight_map, files = writer.finish()
-        write_record(tmp, {**meta, "modules": records, "weight_map": weight_map, "files": files})
+        record = {**meta, "modules": records, "weight_map": weight_map, "files": files}
+        if writer.factored:  # version 2: a version-1 reader would take the factors for deltas
+            record.update(version=2, factored=writer.factored)
+        write_record(tmp, record)
         state = load_merged_state(tmp)
         if export_lora_rank is not None:
             export.export_lora(state, tmp / f"lora_rank{export_lora_rank}", export_lora_rank)
@@ -158,8 +166,10 @@ def merge_adapters(
     return load_merged_state(Path(out))
 
 
-def _check_finite(module: str, delta: torch.Tensor, method: str) -> None:
+def _check_finite(module: str, delta: torch.Tensor | LowRankDelta, method: str) -> None:
     # A NaN or Inf entry makes the sum non-finite, so one summing pass (no full-size
     # temporaries) clears the usual case; only a non-finite sum needs the element-wise check.
-    if not bool(torch.isfinite(delta.sum())) and not bool(torch.isfinite(delta).all()):
+    # A factored ΔW is finite when its factors and scale are.
+    parts = (delta.lora_B, delta.lora_A, torch.tensor(delta.scale)) if isinstance(delta, LowRankDelta) else (delta,)
+    if any(not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()) for t in parts):
         raise IloraError(f"--method {method}: module {module!r} merged to NaN/Inf values")

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,15 +36,21 @@ RECORD_FORMAT = "ilora-merged-state"
 
 @dataclass
 class LowRankDelta:
-    """One module of a LoRA adapter: ``ΔW = scale · lora_B @ lora_A`` (float32 factors)."""
+    """One module's ``ΔW = scale · lora_B @ lora_A`` (float32 factors): a LoRA adapter's, or a
+    merged state's stored factored (then ``merged`` is true: it is no trained adapter)."""
 
     lora_B: torch.Tensor
     lora_A: torch.Tensor
     scale: float
+    merged: bool = False
 
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.lora_B.shape[0], self.lora_A.shape[1]
 
     def dense(self) -> torch.Tensor:
         return ops.lora_delta(self.lora_B, self.lora_A, self.scale)
@@ -123,30 +129,80 @@ class LoraAdapter:
         return load_grams(self.path)
 
 
-class SafetensorsDeltas(Mapping):
-    """Lazy ``{"<module>.weight": ΔW}`` over a merged state's shards: reads a tensor on access."""
+def factor_key(module: str, part: str) -> str:
+    """The merged-state tensor of one factor (``part``: ``lora_B`` or ``lora_A``) of a factored module."""
+    return f"{module}.{part}.weight"
 
-    def __init__(self, root: Path, weight_map: dict[str, str], shapes: dict[str, tuple[int, ...]]):
-        self.root, self.weight_map, self.shapes = root, weight_map, shapes
+
+class DeltaMap(Mapping):
+    """``{"<module>.weight": float32 ΔW}`` over stored values: dense tensors as they are,
+    ``LowRankDelta`` factors multiplied out on access (``stored`` gives them as stored)."""
+
+    def __init__(self, values: Mapping[str, torch.Tensor | LowRankDelta]):
+        self.values = values
+
+    def stored(self, key: str) -> torch.Tensor | LowRankDelta:
+        return self.values[key]
+
+    def shape(self, key: str) -> tuple[int, int]:
+        return tuple(self.values[key].shape)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.weight_map:
-            raise KeyError(key)
-        return read_tensor(self.root / self.weight_map[key], key)
+        value = self.stored(key)
+        return value.dense() if isinstance(value, LowRankDelta) else value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.values
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.weight_map)
+        return iter(self.values)
 
     def __len__(self) -> int:
-        return len(self.weight_map)
+        return len(self.values)
+
+
+class SafetensorsDeltas(DeltaMap):
+    """Lazy ``DeltaMap`` over a merged state's shards: reads a module's tensor(s) on access.
+
+    ``shapes`` maps every ``<module>.weight`` to its ΔW shape; ``factored`` maps the modules
+    stored as factors (``factor_key``, the scale folded into ``lora_B``) to their rank.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        weight_map: dict[str, str],
+        shapes: dict[str, tuple[int, ...]],
+        factored: Mapping[str, int] | None = None,
+    ):
+        self.root, self.weight_map, self.shapes = root, weight_map, shapes
+        self.factored = factored or {}
+        self.values = shapes  # iteration and membership
+
+    def stored(self, key: str) -> torch.Tensor | LowRankDelta:
+        if key not in self.shapes:
+            raise KeyError(key)
+        module = key.removesuffix(".weight")
+        if module not in self.factored:
+            return read_tensor(self.root / self.weight_map[key], key)
+        lora_B, lora_A = (
+            read_tensor(self.root / self.weight_map[factor_key(module, part)], factor_key(module, part))
+            for part in ("lora_B", "lora_A")
+        )
+        return LowRankDelta(lora_B, lora_A, 1.0)
+
+    def shape(self, key: str) -> tuple[int, int]:
+        return self.shapes[key]
 
 
 @dataclass
 class MergedState:
     """A merged weight delta: ``deltas["<module>.weight"]`` is the float32 ``ΔW`` to add to the base.
 
-    ``records`` holds, per module, what the method kept (ranks, thresholds); ``meta`` the
-    method, its options, the inputs and the base model. Loaded from disk, ``deltas`` is lazy.
+    A module may be stored factored (``deltas`` a ``DeltaMap`` holding a ``LowRankDelta``):
+    ``deltas[...]`` multiplies it out, ``load(module)`` gives the factors. ``records`` holds,
+    per module, what the method kept (ranks, thresholds); ``meta`` the method, its options,
+    the inputs and the base model. Loaded from disk, ``deltas`` is lazy.
     """
 
     deltas: Mapping[str, torch.Tensor]
@@ -192,8 +248,18 @@ def load_merged_state(path: str | os.PathLike) -> MergedState:
                 if key not in in_file or len(in_file[key]) != 2:
                     raise IloraError(f"{root / name}: 2-D tensor {key!r} listed in {MERGE_RECORD} is missing")
                 shapes[key] = in_file[key]
-    meta = {k: v for k, v in record.items() if k not in ("weight_map", "modules", "files")}
-    return MergedState(SafetensorsDeltas(root, weight_map, shapes), record.get("modules", {}), meta, root)
+    factored = record.get("factored") or {}
+    for module, rank in factored.items():
+        lora_B, lora_A = (shapes.pop(factor_key(module, part), None) for part in ("lora_B", "lora_A"))
+        if lora_B is None or lora_A is None or lora_B[1] != rank or lora_A[0] != rank:
+            raise IloraError(
+                f"{root / MERGE_RECORD}: factored module {module!r} needs tensors {factor_key(module, 'lora_B')} "
+                f"(out x {rank}) and {factor_key(module, 'lora_A')} ({rank} x in); found {lora_B} and {lora_A}"
+            )
+        shapes[f"{module}.weight"] = (lora_B[0], lora_A[1])
+    meta = {k: v for k, v in record.items() if k not in ("weight_map", "modules", "files", "factored")}
+    deltas = SafetensorsDeltas(root, weight_map, shapes, factored)
+    return MergedState(deltas, record.get("modules", {}), meta, root)
 
 
 def open_input(item: str | os.PathLike | LoraAdapter | MergedState) -> LoraAdapter | MergedState:
@@ -211,7 +277,11 @@ def open_input(item: str | os.PathLike | LoraAdapter | MergedState) -> LoraAdapt
 
 
 class MergedStateWriter:
-    """Streams ``<module>.weight`` tensors into safetensors shards of at most ``shard_bytes``."""
+    """Streams ``<module>.weight`` tensors into safetensors shards of at most ``shard_bytes``.
+
+    A low-rank ΔW goes in as its two factors (``add_factored``); ``factored`` lists those
+    modules with their rank, for the record.
+    """
 
     def __init__(self, root: Path, shard_bytes: int = 1 << 30):
         self.root, self.shard_bytes = root, shard_bytes
@@ -219,6 +289,7 @@ class MergedStateWriter:
         self.pending_bytes = 0
         self.weight_map: dict[str, str] = {}
         self.files: list[str] = []
+        self.factored: dict[str, int] = {}
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -226,6 +297,12 @@ class MergedStateWriter:
             self._flush()
         self.pending[key] = tensor.contiguous()
         self.pending_bytes += size
+
+    def add_factored(self, module: str, delta: LowRankDelta) -> None:
+        """Store ``delta`` as ``factor_key(module, "lora_B")`` (scale folded in) and ``"lora_A"``."""
+        self.add(factor_key(module, "lora_B"), delta.lora_B * delta.scale)
+        self.add(factor_key(module, "lora_A"), delta.lora_A)
+        self.factored[module] = delta.rank
 
     def _flush(self) -> None:
         name = f"delta-{len(self.files) + 1:05d}.safetensors"

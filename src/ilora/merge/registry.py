@@ -56,7 +56,18 @@ def get_method(name: str, **options: Any) -> MergeMethod:
 
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators.
-    from ilora.merge import baselines, ilora, magmax, pcb, peft_types  # noqa: F401
+    from ilora.merge import (  # noqa: F401
+        baselines,
+        core_space,
+        factored_sum,
+        ilora,
+        knots,
+        magmax,
+        opcm,
+        pcb,
+        peft_types,
+        tsv,
+    )
 
 
 def module_generator(seed: int, module: str) -> torch.Generator:
@@ -96,7 +107,8 @@ class MergeMethod:
                 input does not touch the module.
 
         Returns:
-            ``(ΔW, record)``: the float32 merged delta and a JSON-able record of what was kept.
+            ``(ΔW, record)``: the float32 merged delta, dense or a ``LowRankDelta`` (stored
+            factored), and a JSON-able record of what was kept.
         """
         raise NotImplementedError
 
