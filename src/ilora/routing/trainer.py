@@ -331,7 +331,7 @@ class RoutingTrainer(Trainer):
         ``TermCounts``, summed over processes when the Trainer would sum its count
         (``average_tokens_across_devices``)."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._steps_since_log += 1
+        self._steps_since_log += bool(batch_samples)  # an exhausted iterator makes no step
         counts = torch.zeros(4, dtype=torch.long, device=device)  # lm, kl, norm tokens, norm images
         for batch in batch_samples:
             task = batch["is_task"].to(device, torch.long)
