@@ -79,6 +79,25 @@ def test_truncated_svd_agrees_with_exact(threshold_index):
     )
 
 
+def test_truncated_svd_is_certified_where_values_at_the_cut_nearly_tie():
+    """Eight values 1% apart straddle the threshold, deep in a decaying spectrum: the kept
+    truncation is within the default tolerance (1e-5, relative Frobenius) of a float64 one
+    (the former stop on residuals relative to σ₁ alone, at its default 1e-4, was further off)."""
+    s_true = torch.logspace(0, -3, 400, dtype=torch.float64)
+    cut, seed = 100, 0
+    s_true[cut - 4 : cut + 4] = s_true[cut] * 1.01 ** -torch.arange(-4, 4, dtype=torch.float64)
+    matrix = spectrum_matrix(1024, 1024, s_true.float(), seed=seed)
+    threshold = float((s_true[cut] * s_true[cut + 1]).sqrt())
+    u, s, vh, width = ops.leading_singular_triplets(matrix, threshold, generator=torch.Generator().manual_seed(seed))
+    exact_u, exact_s, exact_vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    n = int((exact_s > threshold).sum())
+    exact = ops.low_rank_product(exact_u[:, :n], exact_s[:n], exact_vh[:n])
+    assert len(s) == n == cut + 1
+    assert width < 1024  # certified by the randomised route, not by the dense SVD
+    error = torch.linalg.matrix_norm(ops.low_rank_product(u, s, vh).double() - exact)
+    assert float(error) <= 1e-5 * float(torch.linalg.matrix_norm(exact))
+
+
 def test_truncated_svd_widens_past_initial_block():
     s_true = torch.linspace(10, 1, 120)
     matrix = spectrum_matrix(500, 400, s_true, seed=1)
@@ -116,17 +135,6 @@ def test_max_magnitude_ties_go_to_later_input():
     assert torch.equal(ops.max_magnitude([later, first]), torch.tensor([[1.0, -2.0, 3.0]]))
 
 
-@settings(max_examples=15, deadline=None)
-@given(n=st.integers(1, 4), rows=st.integers(1, 40), cols=st.integers(1, 30), seed=st.integers(0, 2**16))
-def test_max_magnitude_of_factored_candidates_equals_dense(n, rows, cols, seed):
-    gen = torch.Generator().manual_seed(seed)
-    factors = [(torch.randn(rows, 3, generator=gen), torch.randn(3, cols, generator=gen)) for _ in range(n)]
-    dense = [left @ right for left, right in factors]
-    # Tiny blocks exercise the row-block loop; the products are the same matmuls row by row.
-    blocked = ops.max_magnitude(factors, block_bytes=4 * cols * 3)
-    torch.testing.assert_close(blocked, ops.max_magnitude(dense), atol=1e-6, rtol=1e-6)
-
-
 def where_fold(dense: list[torch.Tensor]) -> torch.Tensor:
     """The max-magnitude rule written plainly on dense matrices (the former implementation)."""
     merged, largest = dense[0].clone(), dense[0].abs()
@@ -141,6 +149,28 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def assert_max_magnitude_within_rounding(merged: torch.Tensor, candidates: list[ops.Candidate]) -> None:
+    """Each entry is, to float32 matmul rounding, the value of a candidate of largest magnitude.
+
+    A factored candidate's entry ``left_i · right_j`` (inner size ``k``) is computed in float32
+    to within ``k·2⁻²³·Σ|left_i||right_j|`` whatever the BLAS's summation order; where two
+    candidates agree in magnitude to within that, either may win.
+    """
+    exact, slack = [], []
+    for c in candidates:
+        if isinstance(c, tuple):
+            left, right = c[0].double(), c[1].double()
+            exact.append(left @ right)
+            slack.append(left.shape[1] * 2.0**-23 * (left.abs() @ right.abs()))
+        else:
+            exact.append(c.double())
+            slack.append(torch.zeros_like(exact[-1]))
+    exact, slack = torch.stack(exact), torch.stack(slack)
+    is_value = (merged.double() - exact).abs() <= slack
+    may_be_largest = exact.abs() + slack >= (exact.abs() - slack).amax(dim=0)
+    assert bool((is_value & may_be_largest).any(dim=0).all())
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 4),
@@ -151,8 +181,10 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     block_bytes=st.sampled_from([4, 16, 64, 400, 4096, 40_000]),
     seed=st.integers(0, 2**16),
 )
-def test_max_magnitude_tiling_is_bit_exact(n, rows, cols, k, dense_mask, block_bytes, seed):
-    """Tiled (small ``block_bytes``) == one tile == the plain dense rule, bit for bit."""
+def test_max_magnitude_is_deterministic_and_tiling_moves_only_rounding(n, rows, cols, k, dense_mask, block_bytes, seed):
+    """Same inputs and tiling: the same bytes. Another tiling recomputes factored candidates'
+    products in other shapes, which BLAS rounds differently: equal only to rounding (dense
+    candidates are only selected, so with no factored one the bits do not move)."""
     gen = torch.Generator().manual_seed(seed)
     candidates = [
         torch.randn(rows, cols, generator=gen)
@@ -160,10 +192,13 @@ def test_max_magnitude_tiling_is_bit_exact(n, rows, cols, k, dense_mask, block_b
         else (torch.randn(rows, k, generator=gen), torch.randn(k, cols, generator=gen))
         for i in range(n)
     ]
+    tiled = ops.max_magnitude(candidates, block_bytes=block_bytes)
+    assert same_bits(ops.max_magnitude(candidates, block_bytes=block_bytes), tiled)
     whole = ops.max_magnitude(candidates, block_bytes=1 << 40)
-    assert same_bits(ops.max_magnitude(candidates, block_bytes=block_bytes), whole)
-    dense = [c[0] @ c[1] if isinstance(c, tuple) else c for c in candidates]
-    assert same_bits(whole, where_fold(dense))
+    for merged in (tiled, whole):
+        assert_max_magnitude_within_rounding(merged, candidates)
+    if all(isinstance(c, torch.Tensor) for c in candidates):
+        assert same_bits(tiled, whole) and same_bits(whole, where_fold(candidates))
 
 
 def test_max_magnitude_signed_zero_and_infinite_ties_go_to_later_input():
@@ -186,7 +221,7 @@ def test_max_magnitude_of_other_dtypes_is_float32():
     b = (torch.randn(5, 2).double(), torch.randn(2, 6).double())
     merged = ops.max_magnitude([a, b])
     assert merged.dtype == torch.float32
-    assert same_bits(merged, where_fold([a.float(), (b[0] @ b[1]).float()]))
+    assert_max_magnitude_within_rounding(merged, [a.float(), b])
 
 
 @pytest.mark.parametrize("layout", ["row-major", "column-major"])

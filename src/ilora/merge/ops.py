@@ -134,6 +134,31 @@ def _ritz_triplets(basis: torch.Tensor, matrix: torch.Tensor) -> tuple[torch.Ten
     return basis @ vectors.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
+def _cut_error_bound(s: torch.Tensor, residual: torch.Tensor, n: int) -> float:
+    """First-order bound on ``‖U_n S_n V_nᵀ − M_n‖_F`` for kept Ritz triplets ``1..n``.
+
+    ``Mᵀ u_i = σ_i v_i`` holds by construction, so only ``r_i = ‖M v_i − σ_i u_i‖`` is left.
+    By Wedin's theorem, ``u_i`` leans into the discarded singular subspace (values up to
+    ``σ_{n+1}``) by at most ``r_i / δ_i``, ``δ_i = σ_i − σ_{n+1}``, which moves the truncation
+    by at most ``σ_i r_i / δ_i`` through the kept part and ``σ_{n+1} r_i / δ_i`` through the
+    discarded part: in all at most ``2 ‖σ_i r_i / δ_i‖``. Values near the cut weigh by
+    ``σ / gap``, deep ones by about 1. ``σ_{n+1}`` is over-estimated by its Ritz value plus its
+    residual (a Ritz value is never above the singular value it approximates).
+
+    Args:
+        s: Ritz values, descending, at least ``n + 1``.
+        residual: ``r_i`` of Ritz triplets ``1..n+1``.
+        n: number kept (>= 1).
+
+    Returns:
+        The bound; ``inf`` while the cut is not yet separated.
+    """
+    gaps = s[:n] - (s[n] + residual[n])
+    if float(gaps[-1]) <= 0:
+        return math.inf
+    return 2 * float(torch.linalg.vector_norm(s[:n] * residual[:n] / gaps))
+
+
 def leading_singular_triplets(
     matrix: torch.Tensor,
     threshold: float | None = None,
@@ -141,20 +166,30 @@ def leading_singular_triplets(
     count: int | None = None,
     initial: int = 32,
     oversample: int = 16,
-    tol: float = 1e-4,
+    tol: float = 1e-5,
     max_iter: int = 30,
     dense_fraction: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The leading singular triplets of ``matrix``: those above ``threshold``, or the top ``count``.
 
-    Randomised subspace iteration with Rayleigh-Ritz: a block of ``q = k + max(oversample,
-    k // 2)`` vectors is iterated until the wanted Ritz triplets (for a threshold, also the
-    first one below it) have residual ``‖M v - σ u‖ <= tol · σ_1``. If the wanted values
-    spill into the oversampling columns, ``k`` doubles and the block widens, keeping what it
-    has found. Only when the block would cover more than ``dense_fraction`` of
-    ``min(out, in)`` does it fall back to the exact dense SVD, then the cheaper route.
-    Orthonormalisation (CholeskyQR2) and Rayleigh-Ritz (eigh of a ``q x q`` Gram) are
+    Randomised subspace iteration with Rayleigh-Ritz on a block of ``q = k + max(oversample,
+    k // 2)`` vectors, stopped on a criterion that certifies what is returned:
+
+    - by ``threshold``: the kept truncation ``U S Vh`` is the exact one, ``M_n`` (every singular
+      value above the threshold), to ``‖U S Vh − M_n‖_F <= tol · ‖S‖_F`` at first order in the
+      residuals (:func:`_cut_error_bound`). The bound divides by the gap at the cut, so nearly
+      equal singular values either side of the threshold need smaller residuals (more
+      iterations, or the dense SVD), not a looser answer;
+    - by ``count``: every kept triplet has residual ``‖M v − σ u‖ <= tol · σ_1``, so ``U S Vh``
+      is a best rank-``count`` approximation to that accuracy (which of two equal singular
+      values at the cut it keeps does not matter there).
+
+    If the wanted values spill into the oversampling columns, or ``max_iter`` iterations do not
+    certify, ``k`` doubles and the block widens, keeping what it has found. Only when the
+    block would cover more than ``dense_fraction`` of ``min(out, in)`` does it fall back to
+    the exact dense SVD (float32: about 1e-6 relative off a float64 SVD), then the cheaper
+    route. Orthonormalisation (CholeskyQR2) and Rayleigh-Ritz (eigh of a ``q x q`` Gram) are
     matmul-bound, so the cost is about ``4·out·in·q`` flops per iteration.
 
     Args:
@@ -163,7 +198,8 @@ def leading_singular_triplets(
         count: keep exactly the ``count`` largest (capped at ``min(out, in)``).
         initial: first block size when searching by threshold.
         oversample: least number of extra block columns (they speed up convergence).
-        tol: residual tolerance relative to the largest singular value.
+        tol: relative accuracy certified (see above); float32 residuals bottom out near 1e-7,
+            so values much below 1e-6 end in the dense SVD.
         max_iter: iterations before widening the block.
         dense_fraction: block-width fraction of ``min(out, in)`` that switches to dense SVD.
         generator: RNG for the random start block (determinism).
@@ -179,6 +215,11 @@ def leading_singular_triplets(
 
     def n_wanted(s: torch.Tensor) -> int:
         return int((s > threshold).sum()) if count is None else min(count, n_min)
+
+    def certified(s: torch.Tensor, residual: torch.Tensor, n: int) -> bool:
+        if count is not None or n == 0:  # nothing kept: the top value must be known to be below the cut
+            return bool((residual <= tol * s[0].clamp_min(1e-30)).all())
+        return _cut_error_bound(s, residual, n) <= tol * float(torch.linalg.vector_norm(s[:n]))
 
     k = max(1, initial if count is None else count)
     image = None
@@ -199,7 +240,7 @@ def leading_singular_triplets(
             # By threshold, the first value below it must have converged too: it proves the cut.
             check = min(wanted + (count is None), q)
             residual = torch.linalg.vector_norm(image[:, :check] - u[:, :check] * s[:check], dim=0)
-            if wanted < q and bool((residual <= tol * s[0].clamp_min(1e-30)).all()):
+            if wanted < q and certified(s, residual, wanted):
                 return u[:, :wanted], s[:wanted], vh[:wanted], q
             if count is None and wanted >= k:
                 break  # the oversampling columns are needed for wanted values: widen
@@ -213,8 +254,8 @@ _MAGNITUDE_BITS = 0x7FFFFFFF  # float32 bits without the sign: |x| as an int32, 
 
 
 def _spans(size: int, step: int) -> list[tuple[int, int]]:
-    """``[0, size)`` cut into about ``size / step`` near-equal spans, none shorter than 2 (or ``size``)."""
-    parts = max(1, min(-(-size // max(1, step)), size // 2))
+    """``[0, size)`` cut into ``ceil(size / step)`` near-equal spans (one if ``size`` is 0)."""
+    parts = max(1, -(-size // max(1, step)))
     return [(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
 
 
@@ -231,9 +272,16 @@ def max_magnitude(candidates: list[Candidate], block_bytes: int = 1 << 18) -> to
     cache-resident buffer, and the selection is a few integer passes over the float bits
     in that buffer (``|x|`` is ``bits & 0x7FFFFFFF``; the later candidate wins where its
     magnitude is ``>=``, selected branch-free with a sign mask), so nothing of full size but
-    the result is ever written. No tile is a matrix-vector product unless the whole product
-    is one, so every entry gets the bits of the whole product's matmul and the result does
-    not depend on the tiling (``block_bytes``); tests check this bit for bit.
+    the result is ever written.
+
+    What is guaranteed, bit for bit: the same inputs and ``block_bytes`` give the same bytes
+    on one machine (same BLAS, same thread count); dense candidates are only selected, never
+    recomputed, so with no factored candidate the result does not depend on the tiling at
+    all. A factored candidate's tile is a matmul of another shape than the whole product's,
+    and BLAS promises the same bits neither across shapes nor across CPUs: each entry is then
+    ``left_i · right_j`` to within float32 matmul rounding (``|error| <= k·2⁻²³·Σ|left_i||right_j|``
+    for inner size ``k``), and where two candidates' magnitudes agree to within that
+    rounding, either may be selected.
 
     Args:
         candidates: same-shape ``out x in`` matrices or factor pairs, in input order.
@@ -248,14 +296,12 @@ def max_magnitude(candidates: list[Candidate], block_bytes: int = 1 << 18) -> to
     n_out, n_in = (first[0].shape[0], first[1].shape[1]) if isinstance(first, tuple) else tuple(first.shape)
     merged = torch.empty(n_out, n_in)
     # Tiles about 4:1 wide, up to 128 rows: each tile's matmul re-packs its right factor, so
-    # short tiles would run the products well below peak. No tile is one row or one column
-    # (unless the matrix is): a matrix-vector product sums in another order than a matmul.
-    tile_elems = max(4, block_bytes // 4)
-    tile_rows = min(n_out, max(2, min(128, math.isqrt(tile_elems // 4))))
-    tile_cols = min(n_in, max(2, tile_elems // tile_rows))
-    tile_rows = min(n_out, max(tile_rows, tile_elems // tile_cols))
-    row_spans = [(0, n_out)] if n_in == 1 else _spans(n_out, tile_rows)
-    col_spans = [(0, n_in)] if n_out == 1 else _spans(n_in, tile_cols)
+    # short tiles would run the products well below peak.
+    tile_elems = max(1, block_bytes // 4)
+    tile_rows = min(n_out, max(1, min(128, math.isqrt(tile_elems // 4))))
+    tile_cols = min(n_in, max(1, tile_elems // max(1, tile_rows)))
+    tile_rows = min(n_out, max(tile_rows, tile_elems // max(1, tile_cols)))
+    row_spans, col_spans = _spans(n_out, tile_rows), _spans(n_in, tile_cols)
     tile_cols, tile_rows = max(b - a for a, b in col_spans), max(b - a for a, b in row_spans)
     scratch_elems = tile_rows * tile_cols if len(candidates) > 1 else 0
     scratch_value = torch.empty(scratch_elems)
