@@ -1,12 +1,15 @@
 """Typed dataclass configs, read from YAML presets in ``configs/`` and overridden on the CLI.
 
 Every config is a ``@dataclass`` whose fields carry ``metadata={"help": ...}``; the same
-help text documents the YAML keys and the ``--set key=value`` overrides.
+help text documents the YAML keys and the ``--set key=value`` overrides. Values are
+converted to the declared field types (YAML reads ``1e-3`` as a string) or refused in one
+line naming the key, before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
@@ -24,34 +27,54 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
 
 
+@functools.cache
+def _validator(tp: Any):
+    """pydantic's lax validator for ``tp``: ``"2"`` is an int, ``"1e-3"`` a float, ``"eight"`` neither.
+
+    Numbers are accepted for strings (``--set out=2024``): a YAML scalar that looks numeric
+    is read as a number.
+    """
+    import pydantic
+
+    return pydantic.TypeAdapter(tp, config=pydantic.ConfigDict(coerce_numbers_to_str=True))
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML value to the field's declared type, recursing into nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, where) if len(args) == 1 else value
+    """``value`` as the field type ``tp``, or an ``IloraError`` naming ``where``.
+
+    Nested dataclasses (alone, optional or in a list) go through :func:`from_dict`, so their
+    keys are checked and named; every other type through pydantic (:func:`_validator`).
+    """
+    import pydantic
+
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, where)
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(inner, v, where) for v in value]
-        return items if origin is list else tuple(items)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp is Path and isinstance(value, str):
-        return Path(value)
-    return value
+        return value if isinstance(value, tp) else from_dict(tp, value, where)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    members = [a for a in args if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and value is not None and len(members) == 1:
+        if dataclasses.is_dataclass(members[0]):
+            return _coerce(members[0], value, where)
+    if origin is list and len(args) == 1 and dataclasses.is_dataclass(args[0]) and isinstance(value, list):
+        return [_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
+    try:
+        return _validator(tp).validate_python(value)
+    except pydantic.ValidationError:
+        raise IloraError(f"{where} = {value!r}: expected {_type_name(tp)}") from None
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys are an error naming ``where``."""
-    data = dict(data or {})
+    """Build dataclass ``cls`` from a mapping, each value converted to its field's type.
+
+    Raises:
+        IloraError: ``data`` is not a mapping, has unknown keys, a value does not convert to
+            its field's type, or ``cls``'s own checks refuse it; the message names ``where``
+            (and the key).
+    """
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise IloraError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)

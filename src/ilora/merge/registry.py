@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ilora.config import from_dict
 from ilora.errors import IloraError
 from ilora.merge.io import LoraAdapter, MergedState, ModuleDelta
 
@@ -40,7 +41,12 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str, **options: Any) -> MergeMethod:
-    """Instantiate a registered method with user options (unknown ones are an ``IloraError``)."""
+    """Instantiate a registered method with user options, each converted to its field's type.
+
+    Raises:
+        IloraError: unknown method or option, or a value that is not of the option's type
+            (``svd_tol="1e-7"`` is a float, ``seed="x"`` is refused).
+    """
     _load_builtin_methods()
     if name not in _REGISTRY:
         raise IloraError(f"--method {name!r}: unknown merge method; known: {', '.join(sorted(_REGISTRY))}")
@@ -49,7 +55,7 @@ def get_method(name: str, **options: Any) -> MergeMethod:
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise IloraError(f"--method {name}: unknown option(s) {unknown}; it takes {sorted(allowed) or 'none'}")
-    method = cls(**preset, **options)
+    method = from_dict(cls, {**preset, **options}, f"--method {name}")
     method.name = name
     return method
 

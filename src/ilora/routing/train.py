@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ilora.config import from_dict
 from ilora.errors import IloraError
 from ilora.fileio import atomic_dir
 from ilora.routing.collator import Source, mix_sources
@@ -116,15 +117,15 @@ def train_adapter(
 
 
 def routing_config(training: dict[str, Any], where: str = "training") -> RoutingConfig:
-    """A ``RoutingConfig`` from a mapping, unknown keys named in the error."""
+    """A ``RoutingConfig`` from a mapping, each value converted to its field's type (``"1e-3"``
+    is a float learning rate), unknown keys and unconvertible values named in the error."""
     names = {f.name for f in dataclasses.fields(RoutingConfig)}
     unknown = sorted(set(training) - names)
     if unknown:
         raise IloraError(f"{where}: unknown RoutingConfig key(s) {unknown}")
-    training = {"output_dir": "unused", **training}
     try:
-        return RoutingConfig(**training)
-    except (TypeError, ValueError) as err:
+        return from_dict(RoutingConfig, {"output_dir": "unused", **training}, where)
+    except (TypeError, ValueError) as err:  # TrainingArguments' own checks
         if isinstance(err, IloraError):
             raise
         raise IloraError(f"{where}: {err}") from err
