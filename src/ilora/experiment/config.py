@@ -56,7 +56,10 @@ class TrainSettings:
 class AblationSettings:
     """Loss ablations and the ε sweep, run on a pair of games and merged with I-LoRA."""
 
-    games: list[str] = field(default_factory=lambda: ["Pong", "Breakout"], help="games the ablations train on")
+    games: list[str] = field(
+        default_factory=lambda: ["Pong", "Breakout"],
+        help="the pair the ablations train on and whose plain and routed adapters are merged ([]: none)",
+    )
     variants: dict[str, dict[str, float]] = field(
         default_factory=lambda: {
             "kl_only": {"eps_kl": 0.01, "eps_norm": 0.0},
@@ -85,6 +88,11 @@ class MergeSettings:
     )
     orders: list[list[str]] = field(default_factory=list, help="other game orders for the iterative merge (order effect)")
     keep_sweep: list[float] = field(default_factory=lambda: [0.2, 0.5, 1.0], help="I-LoRA keep ratios for Figure 4 (besides keep)")
+    grams_rows: int = field(
+        256, help="task rows and general rows per routed adapter on which its input Grams are measured (data-aware "
+        "merges such as regmean, and the interference analysis)"
+    )
+    play_intermediate: bool = field(True, help="play every step of an iterative merge (false: only the last)")
 
 
 @dataclasses.dataclass
@@ -101,6 +109,7 @@ class EvalSettings:
     max_frames: int = field(6000, help="episode cap in emulator frames (the paper: 108,000 = 30 min)")
     fire_on_reset: bool = field(True, help="FireReset: press FIRE after a reset / lost life (reported with every score)")
     blank_check: bool = field(True, help="also play routed single-game adapters with both frames blanked")
+    cross_games: bool = field(True, help="also play each single-game adapter on the other games (forgetting)")
     agreement_rows: int = field(200, help="held-out expert rows per game for offline action agreement")
     activation_rows: int = field(64, help="rows per data type for the LoRA activation-norm analysis")
 
@@ -142,8 +151,11 @@ class ExperimentConfig:
         if not games or len(set(games)) != len(games):
             raise IloraError(f"games = {games}: need at least one game, each once")
         ablation = list(self.ablations.games)
-        if self.ablations.variants and (len(ablation) != 2 or len(set(ablation)) != 2 or not set(ablation) <= set(games)):
-            raise IloraError(f"ablations.games = {ablation}: the ablations train and merge a pair of two of games {games}")
+        if (self.ablations.variants or ablation) and (len(set(ablation)) != 2 or not set(ablation) <= set(games)):
+            raise IloraError(
+                f"ablations.games = {ablation}: the ablations train and merge a pair of two of games {games} "
+                "([] with no variants: no ablation pair)"
+            )
         for order in self.merge.orders:
             if sorted(order) != sorted(games):
                 raise IloraError(f"merge.orders: {list(order)} is not an order of games {games}")

@@ -146,7 +146,7 @@ def evaluate_model(
 
     Returns:
         ``{"play": {game: summary}, "blank": {game: summary}, "agreement": {game: ...},
-        "general": overall stats}``.
+        "margin": {game: answer margins without the per-row list}, "general": overall stats}``.
     """
     from ilora.atari.agent import VLMAgent
     from ilora.general.benchmark import score_general
@@ -155,7 +155,7 @@ def evaluate_model(
 
     model, processor = load_vlm_merged(base_path, spec.adapter, spec.merged, cfg.train.dtype, resolve_device(cfg.device))
     mode = "generate" if cfg.data.reasoning else "score"
-    out: dict[str, Any] = {"play": {}, "blank": {}, "agreement": {}}
+    out: dict[str, Any] = {"play": {}, "blank": {}, "agreement": {}, "margin": {}}
     for game in games:
         agent = VLMAgent(model, processor, game, mode=mode, object_text=cfg.data.object_text)
         own = game == own_game
@@ -165,6 +165,7 @@ def evaluate_model(
             # A check of whether the images matter, not a retention denominator: e.episodes suffice.
             out["blank"][game] = play(agent, game, e, cfg.seed, folder, f"{game}-blank", blank=True)
         out["agreement"][game] = action_agreement(agent, heldout[game], e.agreement_rows)
+        out["margin"][game] = {k: v for k, v in answer_margins(agent, heldout[game], e.agreement_rows).items() if k != "margins"}
     scores = score_general(lambda batch: generate_answers(model, processor, batch), general)
     out["general"] = scores["overall"]
     (folder / "scores.json").write_text(json.dumps(out, indent=1, default=str))

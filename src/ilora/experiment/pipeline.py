@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any
 from ilora.atari.games import DEFAULT_FRAME_SKIP
 from ilora.config import to_dict
 from ilora.experiment.config import ExperimentConfig
-from ilora.experiment.evaluation import own_episodes
+from ilora.experiment.evaluation import own_episodes, resolve_device
 from ilora.experiment.schedule import (
     AGENT_STEP_SECONDS,
     GENERAL_ROW_SECONDS,
@@ -197,6 +198,31 @@ class Experiment:
         self.stage(name, {"method": method, "inputs": adapters, "options": options}, run, deps)
         self.models[name] = ModelSpec(merged=self.runner.folder(name) / "state")
 
+    def grams(self, game: str) -> None:
+        """``game``'s routed adapter with its input Grams on task and general rows (stage
+        ``grams/<game>``), the input of data-aware merges and of the interference analysis."""
+        from ilora.merge.grams import compute_adapter_grams
+
+        self.ensure(f"routed/{game}")
+        source = self.models[f"routed/{game}"].adapter
+        n = self.cfg.merge.grams_rows
+
+        def run(folder: Path):
+            adapter = folder / "adapter"
+            adapter.mkdir()
+            for item in source.iterdir():
+                if item.is_file():
+                    link_or_copy(item, adapter / item.name)
+            task, general = self.load_rows(f"data/{game}", "train"), self.load_rows("data/general", "train")
+            compute_adapter_grams(
+                self.base_path, adapter, head(task, n), head(general, n), device=resolve_device(self.cfg.device)
+            )
+            return {"task_rows": min(n, len(task)), "general_rows": min(n, len(general))}
+
+        deps = ["base", f"train/routed/{game}", f"data/{game}", "data/general"]
+        self.stage(f"grams/{game}", {"rows": n}, run, deps)
+        self.models[f"grams/{game}"] = ModelSpec(adapter=self.runner.folder(f"grams/{game}") / "adapter")
+
     def stage_of(self, model: str) -> str:
         """The stage that produced a model: ``train/<name>`` for an adapter, the merge's own name otherwise."""
         return f"train/{model}" if model in {job[0] for job in self.training_jobs()} else model
@@ -219,21 +245,29 @@ class Experiment:
         routed = [f"routed/{g}" for g in self.cfg.games]
         jobs: list[tuple] = []
         for method in m.methods:
-            jobs.append((f"merge/{method}", routed, method, self.merge_options(method)))
+            jobs.append((f"merge/{method}", self.merge_inputs(method, self.cfg.games), method, self.merge_options(method)))
         jobs += [(f"keep/{keep:g}", routed, "ilora", {"keep": keep}) for keep in m.keep_sweep if keep != m.keep]
         sequences = [("ilora", order) for order in [list(self.cfg.games)] + [list(o) for o in m.orders]] if m.iterative else []
         sequences += [(method, list(self.cfg.games)) for method in m.iterative_methods]
         for method, order in sequences:
-            previous = f"routed/{order[0]}"
+            inputs = self.merge_inputs(method, order)
+            previous = inputs[0]
             for k in range(2, len(order) + 1):
                 name = iterative_name(method, order, k)
-                jobs.append((name, [previous, f"routed/{order[k - 1]}"], method, self.merge_options(method)))
+                jobs.append((name, [previous, inputs[k - 1]], method, self.merge_options(method)))
                 previous = name
         pair = self.cfg.ablations.games
         variants = {"plain": "plain", "routed": "routed", **{v: f"ablation/{v}" for v in self.cfg.ablations.variants}}
-        for variant, prefix in variants.items():
+        for variant, prefix in variants.items() if pair else ():
             jobs.append((f"ablation-merge/{variant}", [f"{prefix}/{g}" for g in pair], "ilora", {"keep": m.keep}))
         return jobs
+
+    def merge_inputs(self, method: str, games: list[str]) -> list[str]:
+        """The routed adapters of ``games`` as a merge reads them: with their Grams for a data-aware method."""
+        from ilora.merge.registry import method_class
+
+        kind = "grams" if method_class(method).needs_grams else "routed"
+        return [f"{kind}/{g}" for g in games]
 
     def merge_options(self, method: str) -> dict[str, Any]:
         """The experiment's options for a merge method (I-LoRA's keep ratio; the registry's defaults otherwise)."""
@@ -246,6 +280,8 @@ class Experiment:
         for name, *rest in self.training_jobs():
             if name == model:
                 return self.train(name, *rest)
+        if model.startswith("grams/"):
+            return self.grams(model.removeprefix("grams/"))
         for name, inputs, method, options in self.merge_jobs():
             if name == model:
                 for source in inputs:
@@ -264,7 +300,11 @@ class Experiment:
                 plan[name] = pair
             elif name.startswith("iter"):
                 _, tag, k = name.split("/")
+                if int(k) < len(games) and not self.cfg.merge.play_intermediate:
+                    continue
                 plan[name] = tag.split("-")[: int(k)]  # the games merged so far
+            elif name.startswith(("plain/", "routed/")) and not self.cfg.eval.cross_games:
+                plan[name] = [name.split("/")[1]]
             else:
                 plan[name] = games
         return plan
@@ -272,6 +312,7 @@ class Experiment:
     def eval_settings(self, own_game: bool) -> dict:
         """The play settings an evaluation stage depends on (own-game episodes only where played)."""
         settings = to_dict(self.cfg.eval)
+        settings.pop("cross_games")  # it decides which games a stage plays, and those are in its settings
         if not own_game or self.cfg.eval.own_game_episodes is None:
             settings.pop("own_game_episodes")
         return settings
@@ -324,9 +365,6 @@ class Experiment:
         game, others = self.cfg.games[0], self.cfg.games[1:]
         self.ensure(f"{kind}/{game}")
 
-        def head(rows, k: int):
-            return rows.select(range(min(k, len(rows))))
-
         def run(folder: Path):
             data = {
                 "task": head(self.load_rows(f"data/{game}", "heldout"), n),
@@ -338,6 +376,33 @@ class Experiment:
 
         deps = ["base", f"train/{kind}/{game}", "data/general"] + [f"data/{g}" for g in self.cfg.games]
         self.stage(f"analysis/{kind}/{game}", {"n": n}, run, deps)
+
+    def final_merges(self) -> list[str]:
+        """The merges of every game's routed adapter: one-shot, and the last step of each iterative order."""
+        last = f"/{len(self.cfg.games)}"
+        return [name for name, *_ in self.merge_jobs() if name.startswith("merge/") or
+                (name.startswith("iter") and name.endswith(last))]
+
+    def analyze_interference(self) -> None:
+        """Interference in activations (stage ``analysis/interference``): per pair of routed adapters
+        ``‖ΔW_j X_i‖ / ‖ΔW_i X_i‖`` on task i's rows, and per merge ``‖(ΔW_M − ΔW_i) X_i‖ / ‖ΔW_i X_i‖``
+        (:func:`ilora.merge.interference.activation_interference`), from the adapters' Grams."""
+        from ilora.merge.interference import adapter_interference
+
+        games, merges = list(self.cfg.games), self.final_merges()
+        for model in [f"grams/{g}" for g in games] + merges:
+            self.ensure(model)
+
+        def run(folder: Path):
+            adapters = [self.models[f"grams/{g}"].adapter for g in games]
+            states = [self.models[m].merged for m in merges]
+            stats = adapter_interference(adapters, states)
+            (folder / "interference.json").write_text(json.dumps(stats, indent=1))
+            merged = {m: stats["merged"][str(path)] for m, path in zip(merges, states)}
+            return {"games": games, "ratio": stats["ratio"], "own": stats["own"], "merged": merged}
+
+        deps = [f"grams/{g}" for g in games] + [self.stage_of(m) for m in merges]
+        self.stage("analysis/interference", {"merges": merges}, run, deps)
 
     # ------------------------------------------------------------- scheduling
     def jobs(self) -> list[Job]:
@@ -368,6 +433,10 @@ class Experiment:
         for kind in ("plain", "routed"):
             deps = (f"train/{kind}/{games[0]}", *data)
             jobs.append(Job(f"analysis/{kind}/{games[0]}", "analyze", (kind,), deps, tier=4, cost=5, local=True))
+        grams_cost = 2 * self.cfg.merge.grams_rows * GENERAL_ROW_SECONDS
+        jobs += [Job(f"grams/{g}", "grams", (g,), (f"train/routed/{g}", *data), tier=2, cost=grams_cost) for g in games]
+        deps = (*[f"grams/{g}" for g in games], *[self.stage_of(m) for m in self.final_merges()])
+        jobs.append(Job("analysis/interference", "analyze_interference", (), deps, tier=4, cost=5, local=True))
         return jobs
 
     def _call(self, job: Job) -> None:
@@ -397,6 +466,19 @@ class Experiment:
         """Run (or resume) every stage of this replicate and its report."""
         run_replicates([self])
         return self.run_report()
+
+
+def head(rows, n: int):
+    """The first ``n`` rows of a dataset (all of them when it has fewer)."""
+    return rows.select(range(min(n, len(rows))))
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (an adapter's weights are not copied), copying where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def iterative_name(method: str, order: list[str], k: int) -> str:

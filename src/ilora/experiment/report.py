@@ -129,6 +129,45 @@ def plot_retention(path: Path, sr: SeedResults, models: dict[str, str | Callable
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
 
 
+def interference_section(experiment, res: Results, models: dict, games: list[str], folder: Path) -> list[str]:
+    """Interference in activations beside retention: how far each merge moves each routed adapter's
+    output on its own game's rows, and the answer margin that output has to spare."""
+    try:
+        data = experiment.runner.result("analysis/interference")
+    except (KeyError, FileNotFoundError):
+        return []
+    md = ["### Interference in activations", "",
+          "Per pair of routed adapters, `||dW_j X_i|| / ||dW_i X_i||`: adapter j's output on game i's rows (inputs of every "
+          "LoRA module, measured in adapter i's model; norms summed over modules) relative to game i's own adapter. "
+          "Weight-space cosines do not see this; a merged model adds every adapter's output on one row.", "",
+          table(["rows of / adapter", *games],
+                [[g, *[fmt(v) for v in row]] for g, row in zip(games, data["ratio"])]), "",
+          "Per merge, `||(dW_merged - dW_i) X_i|| / ||dW_i X_i||` (0: game i's adapter acts unchanged on its rows) and, "
+          "after `/`, the answer margin on game i's held-out expert rows (mean of the expert action's score minus the "
+          "best other action's, and the share of rows where it is positive), then the retention from Table 4.", ""]
+    rows, points = [], []
+    label_of = {model: label for label, model in models.items() if isinstance(model, str)}
+    for model, changes in data["merged"].items():
+        cells = []
+        for g, change in zip(games, changes):
+            margin = ((res.evals(model) or {}).get("margin") or {}).get(g) or {}
+            retention = res.retention(model, g)[0]
+            cells.append(f"{fmt(change)} / {fmt(margin.get('mean'))} ({fmt(margin.get('positive'))}) / {fmt(retention)}")
+            if change is not None and math.isfinite(retention):
+                points.append((change, retention, g))
+        rows.append([label_of.get(model, model), *cells])
+    md += [table(["merge", *games], rows), ""]
+    if points:
+        with figure(folder / "interference.png", (5.5, 4), "Output change on a game's rows vs its retention",
+                    "retention", "||(dW_merged - dW_i) X_i|| / ||dW_i X_i||") as ax:
+            for g in games:
+                mine = [(x, y) for x, y, game in points if game == g]
+                ax.scatter([x for x, _ in mine], [y for _, y in mine], label=g)
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        md += ["![interference](interference.png)", ""]
+    return md
+
+
 def write_report(experiment, folder: Path) -> dict[str, Any]:
     """Write ``REPORT.md``, ``summary.json`` and the PNGs into ``folder``; print the summary table."""
     res = Results(experiment)
@@ -216,6 +255,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     md += [f"Single-task denominators whose 95% CI reaches within {NEAR_RANDOM:g} of the expert-random gap above "
            f"random (their retentions are noisy): {', '.join(near) }.", ""] if (near := near_random(res, games)) else []
     plot_retention(folder / "retention.png", sr, models, games)
+    md += interference_section(experiment, res, models, games, folder)
     md += ["![retention](retention.png)", "", "Paper, for reference (other games, a 7B model):", "",
            table(["", *PAPER_RETENTION["I-LoRA (paper)"]],
                  [[k, *[f"{v:.3f}" for v in d.values()]] for k, d in PAPER_RETENTION.items()]), ""]
@@ -271,7 +311,9 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
            table(["keep", *games], [[f"{k:g}", *[fmt(series[g][i]) for g in games]] for i, k in enumerate(keeps)]),
            "", "![keep sweep](keep_sweep.png)", ""]
     pair = list(cfg.ablations.games)
-    variants = {"plain": (0.0, 0.0), "routed": (cfg.train.eps_kl, cfg.train.eps_norm),
+    if not pair:
+        md += ["This run merges no ablation pair (`ablations.games: []`).", ""]
+    variants = {} if not pair else {"plain": (0.0, 0.0), "routed": (cfg.train.eps_kl, cfg.train.eps_norm),
                 **{v: (w.get("eps_kl", 0.0), w.get("eps_norm", 0.0)) for v, w in cfg.ablations.variants.items()}}
     rows = []
     for v, (kl, nm) in variants.items():
@@ -280,7 +322,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
         cross = [score_change(res, f"{prefix}/{pair[0]}", pair[1]), score_change(res, f"{prefix}/{pair[1]}", pair[0])]
         merged = [fmt(res.retention(f"ablation-merge/{v}", g)[0]) for g in pair]
         rows.append([v, f"{kl:g}", f"{nm:g}", *own, *cross, *merged])
-    md += [f"Loss ablations on {pair[0]} + {pair[1]}: own-game gap closed, damage to the other game "
+    md += [] if not pair else [f"Loss ablations on {pair[0]} + {pair[1]}: own-game gap closed, damage to the other game "
            "(mean score change vs the base model; 0 = none), and retention after the I-LoRA merge of the pair.", "",
            table(["variant", "eps_kl", "eps_norm", *[f"gap {g}" for g in pair],
                   f"{pair[0]} adapter on {pair[1]}", f"{pair[1]} adapter on {pair[0]}", *[f"merged: {g}" for g in pair]], rows), "",

@@ -60,6 +60,14 @@ def get_method(name: str, **options: Any) -> MergeMethod:
     return method
 
 
+def method_class(name: str) -> type[MergeMethod]:
+    """The class behind a registered method name (its ClassVars say what the method needs)."""
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise IloraError(f"--method {name!r}: unknown merge method; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name][0]
+
+
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators.
     from ilora.merge import (  # noqa: F401
@@ -72,6 +80,8 @@ def _load_builtin_methods() -> None:
         opcm,
         pcb,
         peft_types,
+        regmean,
+        regmean_lowrank,
         tsv,
     )
 
@@ -92,6 +102,8 @@ class MergeMethod:
     name: ClassVar[str] = ""
     accepts_merged: ClassVar[bool] = True  # can a merged state be one of the inputs?
     needs_base: ClassVar[bool] = False  # does it need the base model (``--base``)?
+    needs_grams: ClassVar[bool] = False  # does it read each adapter's input Grams (``ilora grams``)?
+    extras_stem: ClassVar[str] = "extras"  # file stem of the tensors ``run`` yields beside ΔW
 
     def options(self) -> dict[str, Any]:
         """The method's options, as recorded in the merged state's JSON."""
@@ -121,7 +133,12 @@ class MergeMethod:
     def run(
         self, inputs: list[Source], modules: dict[str, tuple[int, int]], base: str | None = None
     ) -> Iterator[tuple[str, torch.Tensor, dict]]:
-        """Yield ``(module, ΔW, record)`` for every module, streaming one module at a time."""
+        """Yield ``(module, ΔW, record)`` for every module, streaming one module at a time.
+
+        A method may yield ``(module, ΔW, record, extras)`` instead: ``extras``
+        (``{key: tensor}``) is stored beside the deltas (``MergedState.extras``; on disk in
+        ``{extras_stem}*.safetensors``) for later merges to read.
+        """
         present = [src.modules for src in inputs]
         for module in modules:
             deltas = [src.load(module) if module in mods else None for src, mods in zip(inputs, present)]

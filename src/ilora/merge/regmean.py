@@ -12,7 +12,7 @@ from ilora.config import field
 from ilora.errors import IloraError
 from ilora.merge import ops
 from ilora.merge.grams import AdapterGrams
-from ilora.merge.io import LoraAdapter, MergedState
+from ilora.merge.io import LoraAdapter
 from ilora.merge.registry import MergeMethod, Source, input_weights, register
 
 # What a RegMean merged state stores per module ("<module>.<name>") so that later adapters
@@ -41,20 +41,25 @@ class RegMeanMerge(MergeMethod):
     merging everything at once. ``ridge`` and ``general_weight`` act at the solve and may
     change between folds; ``alpha`` is baked into the sums and may not.
 
-    Memory: modules stream one at a time. Per module, one input's Grams are added in place
-    to the running sums and dropped before the next input is read, so the peak is three
-    ``n x n`` float32 matrices (two sums and the Gram being added) plus the ``out x n`` delta
-    sum; the solve adds one ``n x n`` matrix (float64 when ``8·n²`` is at most
-    ``float64_solve_bytes``, else float32) that the Cholesky factorisation overwrites.
-    A singular system (Cholesky fails) falls back to a rank-revealing least-squares solve.
+    Memory: modules stream one at a time. Per module, each Gram is read, added in place to
+    the running sums and dropped before the next one is read; the solve builds one ``n x n``
+    system (float64 when ``8·n²`` is at most ``float64_solve_bytes``, else float32) that the
+    Cholesky factorisation overwrites. So the peak is the two ``n x n`` float32 sums, plus one
+    ``n x n`` matrix (the Gram being added, or the system), plus a few ``out x n`` matrices
+    (the delta sum, the solution). A singular system (Cholesky fails) falls back to a
+    rank-revealing least-squares solve, which needs a few ``n x n`` matrices more.
     """
 
-    alpha: float = field(0.6, help="off-diagonal factor of each Gram, in [0, 1] (FusionBench's CLIP/GPT-2 configs: 0.6)")
+    alpha: float = field(0.6, help="off-diagonal factor of each Gram, in [0, 1] (FusionBench's CLIP and GPT-2 default)")
     ridge: float = field(1e-4, help="ridge added to the diagonal, relative to its mean")
     general_weight: float = field(1.0, help="weight of the general rows (a task whose delta is 0); 0 turns them off")
     weights: list[float] | None = field(None, help="one weight per input (default 1.0 each)")
-    float64_solve_bytes: int = field(1 << 30, help="largest float64 n x n system (8·n² bytes); wider ones solve in float32")
+    float64_solve_bytes: int = field(
+        1 << 30,
+        help="largest n x n system solved in float64 (8·n² bytes), wider in float32; regmean_lowrank ignores it",
+    )
 
+    needs_grams: ClassVar[bool] = True
     extras_stem: ClassVar[str] = "regmean_sums"
     stored: ClassVar[tuple[str, ...]] = (DELTA_GRAM, TASK_GRAM, GENERAL_GRAM)
 
@@ -78,7 +83,9 @@ class RegMeanMerge(MergeMethod):
                 )
             alpha = (src.meta.get("options") or {}).get("alpha")
             if alpha != self.alpha:
-                raise IloraError(f"{where}: its sums were taken with alpha={alpha}, not {self.alpha}; pass --option alpha={alpha}")
+                raise IloraError(
+                    f"{where}: its sums were taken with alpha={alpha}, not {self.alpha}; pass --option alpha={alpha}"
+                )
             for module, (out, inp) in src.modules.items():
                 for name, shape in ((DELTA_GRAM, (out, inp)), (TASK_GRAM, (inp, inp)), (GENERAL_GRAM, (inp, inp))):
                     found = tuple(src.extras[f"{module}.{name}"].shape)
@@ -99,7 +106,7 @@ class RegMeanMerge(MergeMethod):
 
     def _accumulate(
         self, module: str, out: int, inp: int, inputs: list[Source], grams: list[AdapterGrams | None], weights: list[float]
-    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
         """The weighted sums over the inputs touching ``module``, and per such input its row space
         (a LoRA's ``A``; a merged state's stored basis, ``None`` if it has none)."""
         sums = {DELTA_GRAM: torch.zeros(out, inp), TASK_GRAM: torch.zeros(inp, inp), GENERAL_GRAM: torch.zeros(inp, inp)}
@@ -111,7 +118,8 @@ class RegMeanMerge(MergeMethod):
                 delta = src.load(module)
                 row_spaces.append(delta.lora_A)
                 task = src_grams.task(module)
-                ops.add_delta_gram_(sums[DELTA_GRAM], (delta.lora_B * delta.scale, delta.lora_A), task, weight, self.alpha)
+                low_rank = (delta.lora_B * delta.scale, delta.lora_A)
+                ops.add_delta_gram_(sums[DELTA_GRAM], low_rank, task, weight, self.alpha)
                 ops.add_scaled_gram_(sums[TASK_GRAM], task, weight, self.alpha)
                 del task  # before the general Gram is read: one Gram in memory besides the sums
                 if src_grams.rows["general"]:  # Grams measured without general rows add no general term
@@ -130,18 +138,15 @@ class RegMeanMerge(MergeMethod):
         Returns:
             ``(ΔW, record, tensors to store beside the sums)``.
         """
-        dtype = self.solve_dtype(sums[TASK_GRAM].shape[0])
-        system, ridge = self.system(sums, dtype)
-        delta, solver = ops.cholesky_right_solve_(sums[DELTA_GRAM], system), "cholesky"
+        inp = sums[TASK_GRAM].shape[0]
+        dtype = torch.float64 if 8 * inp * inp <= self.float64_solve_bytes else torch.float32
+
+        def system() -> tuple[torch.Tensor, float]:
+            return ops.regmean_system(sums[TASK_GRAM], sums[GENERAL_GRAM], self.general_weight, self.ridge, dtype)
+
+        matrix, ridge = system()
+        delta, solver = ops.cholesky_right_solve_(sums[DELTA_GRAM], matrix), "cholesky"
         if delta is None:
-            del system  # the failed factorisation's buffer goes before the fallback builds a new one
-            system, ridge = self.system(sums, dtype)
-            delta, solver = ops.lstsq_right_solve(sums[DELTA_GRAM], system), "lstsq"
-        return delta, {"solver": solver, "dtype": str(dtype).removeprefix("torch."), "ridge": ridge}, {}
-
-    def solve_dtype(self, inp: int) -> torch.dtype:
-        return torch.float64 if 8 * inp * inp <= self.float64_solve_bytes else torch.float32
-
-    def system(self, sums: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-        """The normal matrix (``ops.regmean_system``) with this method's options."""
-        return ops.regmean_system(sums[TASK_GRAM], sums[GENERAL_GRAM], self.general_weight, self.ridge, dtype)
+            del matrix  # the failed factorisation's buffer goes before the fallback builds a new one
+            delta, solver = (ops.lstsq_right_solve(sums[DELTA_GRAM], system()[0]), "lstsq")
+        return (delta, {"solver": solver, "dtype": str(dtype).removeprefix("torch."), "ridge": ridge}, {})

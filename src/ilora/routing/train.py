@@ -84,9 +84,10 @@ def train_adapter(
             the Trainer keeps checkpoints.
         out_dir: the adapter folder, written atomically: ``adapter_config.json``,
             ``adapter_model.safetensors``, ``routing_config.json``, ``loss_log.json``, ``loss.png``.
-        resume: continue from the last checkpoint in ``<out_dir>.run`` if there is one.
+        resume: continue from the last checkpoint in ``<out_dir>.run`` if there is one; the
+            continued run replaces ``out_dir``.
         dtype: model dtype.
-        overwrite: replace an existing ``out_dir`` (otherwise refused before training).
+        overwrite: replace an existing ``out_dir`` (otherwise refused before training, unless resuming).
 
     Returns:
         ``out_dir``.
@@ -94,8 +95,8 @@ def train_adapter(
     from transformers.trainer_utils import get_last_checkpoint
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise IloraError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+    if out_dir.exists() and not (overwrite or resume):
+        raise IloraError(f"{out_dir}: output already exists (pass --overwrite to replace it, or --resume to continue it)")
     run_dir = out_dir.with_name(out_dir.name + ".run")
     args = copy.deepcopy(config)
     args.output_dir = str(run_dir)
