@@ -128,6 +128,7 @@ def test_factored_state_applies_to_the_model(zoo, tmp_path):
     params, base_params = dict(merged.named_parameters()), dict(base.named_parameters())
     for key in state.deltas:
         torch.testing.assert_close(params[key] - base_params[key], state.deltas[key], atol=1e-5, rtol=1e-4)
+    assert [tuple(v.shape) for v in state.deltas.values()] == list(state.modules.values())  # a full Mapping
 
 
 # ---------------------------------------------------------------- Core Space

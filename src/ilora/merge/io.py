@@ -139,26 +139,26 @@ class DeltaMap(Mapping):
     ``LowRankDelta`` factors multiplied out on access (``stored`` gives them as stored)."""
 
     def __init__(self, values: Mapping[str, torch.Tensor | LowRankDelta]):
-        self.values = values
+        self.contents = values  # not `values`: that would hide Mapping.values()
 
     def stored(self, key: str) -> torch.Tensor | LowRankDelta:
-        return self.values[key]
+        return self.contents[key]
 
     def shape(self, key: str) -> tuple[int, int]:
-        return tuple(self.values[key].shape)
+        return tuple(self.contents[key].shape)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         value = self.stored(key)
         return value.dense() if isinstance(value, LowRankDelta) else value
 
     def __contains__(self, key: object) -> bool:
-        return key in self.values
+        return key in self.contents
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
+        return iter(self.contents)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.contents)
 
 
 class SafetensorsDeltas(DeltaMap):
@@ -177,7 +177,7 @@ class SafetensorsDeltas(DeltaMap):
     ):
         self.root, self.weight_map, self.shapes = root, weight_map, shapes
         self.factored = factored or {}
-        self.values = shapes  # iteration and membership
+        self.contents = shapes  # iteration and membership
 
     def stored(self, key: str) -> torch.Tensor | LowRankDelta:
         if key not in self.shapes:
