@@ -218,12 +218,17 @@ class MergedState:
 
     @property
     def modules(self) -> dict[str, tuple[int, int]]:
-        if isinstance(self.deltas, SafetensorsDeltas):
-            return {k.removesuffix(".weight"): self.deltas.shapes[k] for k in self.deltas}
+        if isinstance(self.deltas, DeltaMap):
+            return {k.removesuffix(".weight"): self.deltas.shape(k) for k in self.deltas}
         return {k.removesuffix(".weight"): tuple(v.shape) for k, v in self.deltas.items()}
 
-    def load(self, module: str) -> DenseDelta:
-        return DenseDelta(self.deltas[f"{module}.weight"].float())
+    def load(self, module: str) -> ModuleDelta:
+        """The module's ΔW as stored: factors (``merged=True``) or the dense float32 matrix."""
+        key = f"{module}.weight"
+        stored = self.deltas.stored(key) if isinstance(self.deltas, DeltaMap) else self.deltas[key]
+        if isinstance(stored, LowRankDelta):
+            return replace(stored, merged=True)
+        return DenseDelta(stored.float())
 
     def describe(self) -> dict:
         if self.path is None:
