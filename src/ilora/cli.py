@@ -12,13 +12,14 @@ import sys
 
 from ilora.errors import IloraError
 
-# Modules whose ``register(subparsers)`` adds commands, in the order `--help` lists them.
+# Modules whose ``register(subparsers)`` adds commands, in the order `--help` lists them; a
+# module's ``register_analyses(subparsers)``, where it has one, adds ``ilora analyze`` commands.
 COMMAND_MODULES = (
     "ilora.experiment.cli",  # experiment
     "ilora.models.cli",  # base, eval
     "ilora.atari.cli",  # collect, play, experts
-    "ilora.routing.cli",  # train, analyze
-    "ilora.merge.cli",  # merge
+    "ilora.routing.cli",  # train, analyze activations
+    "ilora.merge.cli",  # merge, grams, analyze merge / interference
 )
 
 
@@ -35,14 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Routing-tuned LoRA adapters, iteratively merged (I-LoRA), and the Atari benchmark.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    modules = []
     for name in COMMAND_MODULES:
         try:
-            module = importlib.import_module(name)
+            modules.append(importlib.import_module(name))
         except ModuleNotFoundError as err:
             if err.name != name:  # a real missing dependency, not a missing command module
                 raise
-            continue
+    for module in modules:
         module.register(sub)
+    analyze = sub.add_parser("analyze", help="analyse trained adapters and merges")
+    analyses = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    for module in modules:
+        if hasattr(module, "register_analyses"):
+            module.register_analyses(analyses)
     return parser
 
 

@@ -151,3 +151,79 @@ def run_grams(args: argparse.Namespace) -> int:
     kinds = f"{len(task)} task" + (f" and {len(general)} general" if general is not None else "")
     print(f"Grams of {args.adapter} on {kinds} rows -> {out}")
     return 0
+
+
+INTERFERENCE_EXAMPLE = """example:
+  ilora grams runs/pong/adapter --data data/pong/train        # once per adapter
+  ilora analyze interference runs/pong/adapter runs/breakout/adapter \\
+      --data Pong=data/pong/train --data Breakout=data/breakout/train --merged merged/two --out interference.json
+"""
+
+
+def register_analyses(sub: argparse._SubParsersAction) -> None:
+    """``ilora analyze merge`` (weight space) and ``ilora analyze interference`` (activations)."""
+    interference = sub.add_parser(
+        "merge",
+        help="how much an I-LoRA max-magnitude merge changes each adapter's delta",
+        description="Per adapter: its truncated delta's norm, the share of merged entries taken from it and "
+        "|merged - delta| / |delta|; then the adapters' pairwise cosines (all modules together).",
+    )
+    interference.add_argument("adapters", nargs="+", help="two or more PEFT LoRA adapter folders")
+    interference.add_argument("--keep", type=float, default=0.8, help="I-LoRA keep ratio (default 0.8)")
+    interference.add_argument("--json", type=Path, help="also write the numbers here")
+    interference.set_defaults(func=run_analyze_merge)
+    in_activations = sub.add_parser(
+        "interference",
+        help="how loud each adapter and merged state is on each task's inputs (from the adapters' Grams)",
+        description="Per task i (ADAPTER i, measured on its --data rows with `ilora grams`): "
+        "||dW_j X_i|| / ||dW_i X_i|| for every adapter j, and ||(dW_M - dW_i) X_i|| / ||dW_i X_i|| for every "
+        "--merged state M, over all modules (the JSON also has them per module).",
+        epilog=INTERFERENCE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    in_activations.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapters with grams.safetensors")
+    in_activations.add_argument(
+        "--data", action="append", required=True, metavar="GAME=DIR", help="task rows of the ADAPTER in the same position"
+    )
+    in_activations.add_argument("--merged", nargs="+", default=[], metavar="STATE", help="merged-state folders")
+    in_activations.add_argument("--out", type=Path, help="also write the numbers (per module too) to this JSON file")
+    in_activations.set_defaults(func=run_analyze_interference)
+
+
+def run_analyze_merge(args: argparse.Namespace) -> int:
+    from ilora.fileio import atomic_write_text
+    from ilora.merge.interference import format_interference, interference_stats, truncated_deltas
+
+    if len(args.adapters) < 2:
+        raise IloraError(f"analyze merge needs at least two adapters, got {len(args.adapters)}")
+    stats = interference_stats([truncated_deltas(a, args.keep) for a in args.adapters])
+    print(format_interference(args.adapters, stats))
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"adapters": args.adapters, "keep": args.keep, **stats}, indent=1))
+    return 0
+
+
+def run_analyze_interference(args: argparse.Namespace) -> int:
+    from ilora.fileio import atomic_write_text
+    from ilora.routing.cli import parse_data_arg
+    from ilora.merge.interference import adapter_interference, format_activation_interference
+
+    if len(args.data) != len(args.adapters):
+        raise IloraError(f"{len(args.adapters)} adapters but {len(args.data)} --data; give one GAME=DIR per adapter, in order")
+    games = []
+    for value in args.data:
+        name, path = parse_data_arg(value)
+        if not path.is_dir():
+            raise IloraError(f"--data {value}: {path} is not a folder")
+        games.append(name)
+    if len(set(games)) != len(games):
+        raise IloraError(f"--data: game names {games} repeat; name each GAME=DIR")
+    if args.out is not None and not args.out.parent.is_dir():
+        raise IloraError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    stats = adapter_interference(args.adapters, args.merged)
+    print(format_activation_interference(games, stats))
+    if args.out is not None:
+        record = {"games": games, "data": [str(parse_data_arg(v)[1]) for v in args.data], **stats}
+        atomic_write_text(args.out, json.dumps(record, indent=1))
+        print(f"-> {args.out}")
+    return 0
