@@ -513,12 +513,13 @@ def run_replicates(experiments: list[Experiment]) -> None:
         torch.set_num_threads(first.cfg.threads)
     owners: dict[str, tuple[Experiment, Job]] = {}
     keyed_jobs = []
-    for experiment in experiments:
+    for group, experiment in enumerate(experiments):
         experiment.run_base()
         tag = f"{experiment.cfg.run_dir}:"
         for job in experiment.jobs():
-            keyed_jobs.append(dataclasses.replace(job, key=tag + job.key, deps=tuple(tag + d for d in job.deps)))
-            owners[keyed_jobs[-1].key] = (experiment, job)
+            keyed = dataclasses.replace(job, key=tag + job.key, deps=tuple(tag + d for d in job.deps), group=group)
+            keyed_jobs.append(keyed)
+            owners[keyed.key] = (experiment, job)
     schedule = Schedule(keyed_jobs)
     start = time.time()
     pool = None

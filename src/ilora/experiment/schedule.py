@@ -4,7 +4,8 @@ Stages run as soon as what they read is finished, not phase by phase: an adapter
 while other adapters still train, so no core waits at a phase's end for the phase's last,
 longest job (on 2 cores that idled one core for minutes per phase). Among the jobs that are
 ready, lower tiers go first (data before training before evaluation: earlier tiers unlock
-more work) and, within a tier, the costliest (longest-job-first packs the cores best).
+more work) and, within a tier, the costliest (longest-job-first packs the cores best). Replicates
+of a run over seeds are groups: an earlier replicate's ready jobs go before a later one's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Job:
         tier: Among ready jobs, lower tiers start first.
         cost: Estimated seconds: longest first within a tier, and the ETA.
         local: Runs in the parent process (quick stages whose models the parent must hold: merges).
+        group: Among ready jobs, lower groups start first, before tiers: the replicates of a run
+            over seeds finish one after another, so an interrupted run has whole replicates.
     """
 
     key: str
@@ -47,6 +50,7 @@ class Job:
     tier: int = 0
     cost: float = 1.0
     local: bool = False
+    group: int = 0
 
 
 class Schedule:
@@ -101,7 +105,7 @@ class Schedule:
             j for k, j in self.jobs.items()
             if k not in self.done and k not in self.running and all(d in self.done for d in j.deps)
         ]
-        return sorted(jobs, key=lambda j: (j.tier, -j.cost))
+        return sorted(jobs, key=lambda j: (j.group, j.tier, -j.cost))
 
     def start(self, job: Job) -> None:
         self.running.add(job.key)
