@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from ilora.errors import IloraError
 from ilora.fileio import file_sha256
-from ilora.merge import LoraAdapter, load_merged_state, merge_adapters
+from ilora.merge import LoraAdapter, merge_adapters
 from ilora.merge.grams import GRAMS_FILE, GRAMS_FORMAT, GRAMS_VERSION
 
 # Two modules of different shapes (out, in); the inputs of each are drawn per task.
@@ -70,8 +70,13 @@ def delta_of(folder: Path, module: str) -> torch.Tensor:
 
 
 def reference(
-    folders: list[Path], task: list[dict], general: list[dict | None], weights: list[float], alpha: float,
-    general_weight: float, ridge: float,
+    folders: list[Path],
+    task: list[dict],
+    general: list[dict | None],
+    weights: list[float],
+    alpha: float,
+    general_weight: float,
+    ridge: float,
 ) -> dict[str, torch.Tensor]:
     """RegMean's closed form in float64 from the rows themselves."""
 
@@ -81,7 +86,7 @@ def reference(
 
     merged = {}
     for module, (out, inp) in MODULES.items():
-        rhs, system = torch.zeros(out, inp, dtype=torch.float64), torch.zeros(inp, inp, dtype=torch.float64)
+        rhs, system = (torch.zeros(out, inp, dtype=torch.float64), torch.zeros(inp, inp, dtype=torch.float64))
         for folder, rows, general_rows, w in zip(folders, task, general, weights):
             rhs += w * delta_of(folder, module) @ stabilised(rows[module])
             system += w * stabilised(rows[module])
@@ -99,7 +104,7 @@ def zoo(tmp_path_factory):
     zoo = {"root": root, "task": {}, "general": {}}
     for seed, name in enumerate("abc", start=1):
         zoo[name] = write_adapter(root / name, seed)
-        zoo["task"][name], zoo["general"][name] = rows_for(10 + seed), rows_for(20 + seed)
+        zoo["task"][name], zoo["general"][name] = (rows_for(10 + seed), rows_for(20 + seed))
         write_grams(zoo[name], zoo["task"][name], zoo["general"][name])
     return zoo
 
@@ -118,7 +123,9 @@ def test_identity_grams_give_the_weighted_average(tmp_path):
         write_grams(folder, identity)
         folders.append(folder)
     weights = [1.0, 2.0, 0.5]
-    state = merge_adapters(folders, "regmean", progress=False, alpha=1.0, ridge=0.0, general_weight=0.0, weights=weights)
+    state = merge_adapters(
+        folders, "regmean", progress=False, alpha=1.0, ridge=0.0, general_weight=0.0, weights=weights
+    )
     for module in MODULES:
         expected = sum(w * delta_of(f, module) for f, w in zip(folders, weights)) / sum(weights)
         assert_close64(state.deltas[f"{module}.weight"], expected, rtol=1e-5)
@@ -146,10 +153,19 @@ def test_disjoint_supports_keep_each_task_delta_on_its_own_inputs(tmp_path):
 def test_matches_the_float64_closed_form_from_the_rows(zoo, options):
     weights = [1.0, 0.5, 2.0]
     state = merge_adapters([zoo[n] for n in "abc"], "regmean", progress=False, weights=weights, **options)
-    alpha, ridge, general_weight = options.get("alpha", 0.6), options.get("ridge", 1e-4), options.get("general_weight", 1.0)
+    alpha, ridge, general_weight = (
+        options.get("alpha", 0.6),
+        options.get("ridge", 1e-4),
+        options.get("general_weight", 1.0),
+    )
     expected = reference(
-        [zoo[n] for n in "abc"], [zoo["task"][n] for n in "abc"], [zoo["general"][n] for n in "abc"], weights,
-        alpha, general_weight, ridge,
+        [zoo[n] for n in "abc"],
+        [zoo["task"][n] for n in "abc"],
+        [zoo["general"][n] for n in "abc"],
+        weights,
+        alpha,
+        general_weight,
+        ridge,
     )
     for module in MODULES:
         assert_close64(state.deltas[f"{module}.weight"], expected[module])
@@ -173,7 +189,11 @@ def test_sums_file_lists_every_module(zoo, tmp_path):
         shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     expected = {}
     for module, (out, inp) in MODULES.items():
-        expected |= {f"{module}.delta_gram": (out, inp), f"{module}.task_gram": (inp, inp), f"{module}.general_gram": (inp, inp)}
+        expected |= {
+            f"{module}.delta_gram": (out, inp),
+            f"{module}.task_gram": (inp, inp),
+            f"{module}.general_gram": (inp, inp),
+        }
     assert shapes == expected
     assert set(state.extras) == set(expected)
 
@@ -191,7 +211,9 @@ def test_folding_into_a_state_equals_merging_all_at_once(zoo, tmp_path, method, 
 
 def test_lowrank_is_the_float64_minimiser_over_the_span_of_the_a_rows(zoo):
     names = "abc"
-    state = merge_adapters([zoo[n] for n in names], "regmean_lowrank", progress=False, alpha=1.0, ridge=0.0, general_weight=0.0)
+    state = merge_adapters(
+        [zoo[n] for n in names], "regmean_lowrank", progress=False, alpha=1.0, ridge=0.0, general_weight=0.0
+    )
     for module, (_, inp) in MODULES.items():
         a_rows = torch.cat([LoraAdapter(zoo[n]).load(module).lora_A.double() for n in names])
         # min over M of Σ_i ‖(M A_s − ΔW_i) X_iᵀ‖² / N_i: one least-squares problem M [P_1 … P_T] ≈ [D_1 … D_T].
@@ -260,3 +282,14 @@ def test_refuses_modules_of_another_shape(zoo, tmp_path):
     with pytest.raises(IloraError, match="shape") as err:
         merge_adapters([zoo["a"], folder], "regmean", progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_lowrank_is_stored_factored_and_exports_exactly(zoo, tmp_path):
+    inputs = [zoo[n] for n in "abc"]
+    state = merge_adapters(inputs, "regmean_lowrank", out=tmp_path / "lr", progress=False, export_lora_rank=6)
+    record = json.loads((tmp_path / "lr" / "merge_record.json").read_text())
+    assert record["factored"] == dict.fromkeys(MODULES, 6)
+    report = json.loads((tmp_path / "lr" / "lora_rank6" / "export_report.json").read_text())
+    assert report["relative_error"] < 1e-6
+    for module, (out, _) in MODULES.items():
+        assert torch.linalg.matrix_rank(state.deltas[f"{module}.weight"].double(), rtol=1e-5) == min(6, out)

@@ -138,23 +138,30 @@ def merge_adapters(
     stream = merger.run(sources, modules, base)
     bar = tqdm(stream, total=len(modules), desc=f"merge ({method})", unit="module", disable=not progress)
     if out is None:
-        deltas, records = {}, {}
-        for module, delta, record in bar:
+        deltas, records, extras = {}, {}, {}
+        for module, delta, record, *stored in bar:
             _check_finite(module, delta, method)
             deltas[f"{module}.weight"], records[module] = delta, record
-        return MergedState(DeltaMap(deltas), records, meta)
+            extras.update(*stored)
+        return MergedState(DeltaMap(deltas), records, meta, extras=extras)
 
     with atomic_dir(out, overwrite) as tmp:
         writer, records = MergedStateWriter(tmp, shard_bytes), {}
-        for module, delta, record in bar:
+        extras = MergedStateWriter(tmp, shard_bytes, stem=merger.extras_stem)
+        for module, delta, record, *stored in bar:
             _check_finite(module, delta, method)
             if isinstance(delta, LowRankDelta):
                 writer.add_factored(module, delta)
             else:
                 writer.add(f"{module}.weight", delta)
             records[module] = record
+            for key, tensor in (stored[0] if stored else {}).items():
+                extras.add(key, tensor)
         weight_map, files = writer.finish()
         record = {**meta, "modules": records, "weight_map": weight_map, "files": files}
+        if extras.pending or extras.files:
+            extras_map, extras_files = extras.finish()
+            record.update(extras_map=extras_map, files={**files, **extras_files})
         if writer.factored:  # version 2: a version-1 reader would take the factors for deltas
             record.update(version=2, factored=writer.factored)
         write_record(tmp, record)

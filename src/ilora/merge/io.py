@@ -209,6 +209,8 @@ class MergedState:
     records: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    # What the method stores beside the deltas for later merges (RegMean's sums); lazy on disk.
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     kind = "merged"
 
@@ -262,9 +264,21 @@ def load_merged_state(path: str | os.PathLike) -> MergedState:
                 f"(out x {rank}) and {factor_key(module, 'lora_A')} ({rank} x in); found {lora_B} and {lora_A}"
             )
         shapes[f"{module}.weight"] = (lora_B[0], lora_A[1])
-    meta = {k: v for k, v in record.items() if k not in ("weight_map", "modules", "files", "factored")}
+    meta = {k: v for k, v in record.items() if k not in ("weight_map", "modules", "files", "factored", "extras_map")}
     deltas = SafetensorsDeltas(root, weight_map, shapes, factored)
-    return MergedState(deltas, record.get("modules", {}), meta, root)
+    return MergedState(deltas, record.get("modules", {}), meta, root, _stored_extras(root, record.get("extras_map") or {}))
+
+
+def _stored_extras(root: Path, extras_map: dict[str, str]) -> SafetensorsDeltas:
+    """Lazy ``{key: tensor}`` over the files ``extras_map`` names (checked to hold their keys)."""
+    shapes = {}
+    for name in sorted(set(extras_map.values())):
+        in_file = safetensors_shapes(root / name)
+        for key in (k for k, file in extras_map.items() if file == name):
+            if key not in in_file:
+                raise IloraError(f"{root / name}: tensor {key!r} listed in {MERGE_RECORD} is missing")
+            shapes[key] = in_file[key]
+    return SafetensorsDeltas(root, extras_map, shapes)
 
 
 def open_input(item: str | os.PathLike | LoraAdapter | MergedState) -> LoraAdapter | MergedState:
@@ -282,14 +296,15 @@ def open_input(item: str | os.PathLike | LoraAdapter | MergedState) -> LoraAdapt
 
 
 class MergedStateWriter:
-    """Streams ``<module>.weight`` tensors into safetensors shards of at most ``shard_bytes``.
+    """Streams tensors (``<module>.weight``) into safetensors shards ``{stem}-0000k.safetensors``
+    of at most ``shard_bytes`` (one shard: ``{stem}.safetensors``).
 
     A low-rank ΔW goes in as its two factors (``add_factored``); ``factored`` lists those
     modules with their rank, for the record.
     """
 
-    def __init__(self, root: Path, shard_bytes: int = 1 << 30):
-        self.root, self.shard_bytes = root, shard_bytes
+    def __init__(self, root: Path, shard_bytes: int = 1 << 30, stem: str = "delta"):
+        self.root, self.shard_bytes, self.stem = root, shard_bytes, stem
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.weight_map: dict[str, str] = {}
@@ -302,6 +317,8 @@ class MergedStateWriter:
             self._flush()
         self.pending[key] = tensor.contiguous()
         self.pending_bytes += size
+        if self.pending_bytes >= self.shard_bytes:  # a full shard need not wait in memory
+            self._flush()
 
     def add_factored(self, module: str, delta: LowRankDelta) -> None:
         """Store ``delta`` as ``factor_key(module, "lora_B")`` (scale folded in) and ``"lora_A"``."""
@@ -310,7 +327,7 @@ class MergedStateWriter:
         self.factored[module] = delta.rank
 
     def _flush(self) -> None:
-        name = f"delta-{len(self.files) + 1:05d}.safetensors"
+        name = f"{self.stem}-{len(self.files) + 1:05d}.safetensors"
         save_file(self.pending, str(self.root / name))
         self.weight_map.update(dict.fromkeys(self.pending, name))
         self.files.append(name)
@@ -321,9 +338,10 @@ class MergedStateWriter:
         if self.pending or not self.files:
             self._flush()
         if len(self.files) == 1:  # one file is the common case: give it the plain name
-            os.replace(self.root / self.files[0], self.root / "delta.safetensors")
-            self.weight_map = dict.fromkeys(self.weight_map, "delta.safetensors")
-            self.files = ["delta.safetensors"]
+            plain = f"{self.stem}.safetensors"
+            os.replace(self.root / self.files[0], self.root / plain)
+            self.weight_map = dict.fromkeys(self.weight_map, plain)
+            self.files = [plain]
         return self.weight_map, {f: file_sha256(self.root / f) for f in self.files}
 
 

@@ -426,17 +426,17 @@ def add_delta_gram_(
 def regmean_system(
     task_gram: torch.Tensor, general_gram: torch.Tensor, general_weight: float, ridge: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, float]:
-    """RegMean's normal matrix ``task + general_weight·general + ridge·mean(diag)·I``, newly allocated.
+    """RegMean's normal matrix ``task + general_weight·general + ridge·d̄·I``, newly allocated.
 
     Args:
         task_gram: ``n x n`` sum of the tasks' (weighted, stabilised) Grams.
         general_gram: ``n x n`` sum of the general rows' Grams (a task whose delta is 0).
         general_weight: factor of ``general_gram``.
-        ridge: ridge relative to the mean diagonal of the system before the ridge.
+        ridge: ridge relative to ``d̄``, the mean diagonal of the matrix before the ridge.
         dtype: dtype of the result (float64 where memory allows).
 
     Returns:
-        ``(system, absolute ridge added to the diagonal)``.
+        ``(system, ridge·d̄)``.
     """
     system = task_gram.to(dtype, copy=True)
     if general_weight:
@@ -449,22 +449,28 @@ def regmean_system(
 def cholesky_right_solve_(rhs: torch.Tensor, system: torch.Tensor) -> torch.Tensor | None:
     """``X`` with ``X · system = rhs`` for a symmetric positive definite ``system``, by Cholesky.
 
-    The factorisation overwrites ``system`` (no second ``n x n`` buffer); the solve runs in
-    ``system``'s dtype.
+    Everything runs in place: the factorisation overwrites ``system`` and two triangular
+    solves overwrite one copy of ``rhs``, so no second ``n x n`` buffer is made (LAPACK works
+    on column-major matrices: ``system``'s transposed view is one, which a row-major ``out=``
+    or ``cholesky_solve`` would copy in full). The solve runs in ``system``'s dtype.
 
     Args:
         rhs: ``out x n``.
-        system: ``n x n`` symmetric; destroyed.
+        system: ``n x n`` symmetric, row-major contiguous; destroyed.
 
     Returns:
         float32 ``X`` (``out x n``), or ``None`` when ``system`` is not numerically positive
         definite or the solution is not finite (then ``system`` holds garbage).
     """
     info = torch.empty((), dtype=torch.int32)
-    torch.linalg.cholesky_ex(system, out=(system, info))
+    upper = system.T  # column-major; gets U with system = Uᵀ U, so ``system`` holds L = Uᵀ
+    torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
     if int(info) != 0:
         return None
-    solution = torch.cholesky_solve(rhs.T.to(system.dtype), system).T.to(torch.float32).contiguous()
+    solution = torch.empty(rhs.shape[1], rhs.shape[0], dtype=system.dtype).copy_(rhs.T).T  # column-major
+    torch.linalg.solve_triangular(upper, solution, upper=True, left=False, out=solution)  # X L ← rhs L⁻ᵀ
+    torch.linalg.solve_triangular(system, solution, upper=False, left=False, out=solution)  # X ← X L⁻¹
+    solution = solution.to(torch.float32).contiguous()
     if not bool(torch.isfinite(solution.sum())):
         return None
     return solution
@@ -502,28 +508,49 @@ def row_space_basis(rows: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
 
 
 def subspace_right_solve(
-    rhs: torch.Tensor, system: torch.Tensor, basis: torch.Tensor
-) -> tuple[torch.Tensor, str]:
-    """``M`` minimising ``tr((M Q - X*) system (M Q - X*)ᵀ)`` where ``X* · system = rhs``.
+    rhs: torch.Tensor,
+    task_gram: torch.Tensor,
+    general_gram: torch.Tensor,
+    general_weight: float,
+    ridge: float,
+    basis: torch.Tensor,
+) -> tuple[torch.Tensor, str, float]:
+    """RegMean restricted to ``ΔW = M Q``: ``M = (rhs Qᵀ)(Q G Qᵀ)⁻¹``, ``G`` as in ``regmean_system``.
 
-    The least-squares fit restricted to ``ΔW = M Q``: ``M = (rhs Qᵀ)(Q system Qᵀ)⁻¹``, a
-    ``q x q`` solve in float64 (Cholesky, falling back to least squares).
+    ``M Q`` is the least-squares fit, in ``G``'s metric, of ``X*`` with ``X* G = rhs`` among
+    matrices whose rows lie in ``span(Q)``. ``Q G Qᵀ`` is built from the two Grams' projections
+    (``G`` itself is never formed); the ``q x q`` solve runs in float64 (Cholesky, falling
+    back to least squares).
 
     Args:
         rhs: ``out x n``.
-        system: ``n x n`` symmetric positive semidefinite.
+        task_gram: ``n x n`` sum of the tasks' Grams.
+        general_gram: ``n x n`` sum of the general rows' Grams.
+        general_weight: factor of ``general_gram``.
+        ridge: ridge relative to the mean diagonal of ``task + general_weight·general``.
         basis: ``Q``, ``q x n`` with orthonormal rows.
 
     Returns:
-        ``(M, solver)``: float32 ``out x q`` and ``"cholesky"`` or ``"lstsq"``.
+        ``(M, solver, absolute ridge)``: float32 ``out x q``, ``"cholesky"`` or ``"lstsq"``.
     """
+    basis64 = basis.double()
+
+    def projected(gram: torch.Tensor) -> torch.Tensor:
+        return basis64 @ (gram @ basis.T).double()
+
+    system = projected(task_gram)
+    mean_diagonal = float(task_gram.diagonal().double().mean())
+    if general_weight:
+        system += general_weight * projected(general_gram)
+        mean_diagonal += general_weight * float(general_gram.diagonal().double().mean())
+    system = (system + system.T) / 2  # exact symmetry for Cholesky
+    absolute_ridge = ridge * mean_diagonal
+    system.diagonal().add_(absolute_ridge)  # Q orthonormal: Q (λ I) Qᵀ = λ I
     projected_rhs = (rhs @ basis.T).double()
-    projected_system = basis.double() @ (system @ basis.to(system.dtype).T).double()
-    projected_system = (projected_system + projected_system.T) / 2  # exact symmetry for Cholesky
-    solution = cholesky_right_solve_(projected_rhs, projected_system.clone())
+    solution = cholesky_right_solve_(projected_rhs, system.clone())
     if solution is not None:
-        return solution, "cholesky"
-    return lstsq_right_solve(projected_rhs, projected_system), "lstsq"
+        return solution, "cholesky", absolute_ridge
+    return lstsq_right_solve(projected_rhs, system), "lstsq", absolute_ridge
 
 
 def concat_factors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
