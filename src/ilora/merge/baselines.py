@@ -20,6 +20,14 @@ from ilora.merge.registry import MergeMethod, input_weights, module_generator, r
 RULES = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
+def check_rule_options(density: float, majority_sign_method: str) -> None:
+    """Refuse a pruning density outside [0, 1] or an unknown TIES sign election (one line each)."""
+    if not 0 <= density <= 1:
+        raise IloraError(f"--density {density}: must be in [0, 1]")
+    if majority_sign_method not in ("total", "frequency"):
+        raise IloraError(f"majority_sign_method {majority_sign_method!r}: expected 'total' or 'frequency'")
+
+
 def apply_rule(
     rule: str,
     tensors: list[torch.Tensor],
@@ -74,10 +82,7 @@ class DeltaRuleMerge(MergeMethod):
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise IloraError(f"rule {self.rule!r}: expected one of {RULES}")
-        if not 0 <= self.density <= 1:
-            raise IloraError(f"--density {self.density}: must be in [0, 1]")
-        if self.majority_sign_method not in ("total", "frequency"):
-            raise IloraError(f"majority_sign_method {self.majority_sign_method!r}: expected 'total' or 'frequency'")
+        check_rule_options(self.density, self.majority_sign_method)
 
     def merge_module(self, module: str, deltas: list[ModuleDelta | None]) -> tuple[torch.Tensor, dict]:
         weights = input_weights(self.weights, len(deltas), self.name)

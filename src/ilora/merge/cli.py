@@ -162,17 +162,17 @@ INTERFERENCE_EXAMPLE = """example:
 
 def register_analyses(sub: argparse._SubParsersAction) -> None:
     """``ilora analyze merge`` (weight space) and ``ilora analyze interference`` (activations)."""
-    interference = sub.add_parser(
+    weight_space = sub.add_parser(
         "merge",
         help="how much an I-LoRA max-magnitude merge changes each adapter's delta",
         description="Per adapter: its truncated delta's norm, the share of merged entries taken from it and "
         "|merged - delta| / |delta|; then the adapters' pairwise cosines (all modules together).",
     )
-    interference.add_argument("adapters", nargs="+", help="two or more PEFT LoRA adapter folders")
-    interference.add_argument("--keep", type=float, default=0.8, help="I-LoRA keep ratio (default 0.8)")
-    interference.add_argument("--json", type=Path, help="also write the numbers here")
-    interference.set_defaults(func=run_analyze_merge)
-    in_activations = sub.add_parser(
+    weight_space.add_argument("adapters", nargs="+", help="two or more PEFT LoRA adapter folders")
+    weight_space.add_argument("--keep", type=float, default=0.8, help="I-LoRA keep ratio (default 0.8)")
+    weight_space.add_argument("--json", type=Path, help="also write the numbers here")
+    weight_space.set_defaults(func=run_analyze_merge)
+    activations = sub.add_parser(
         "interference",
         help="how loud each adapter and merged state is on each task's inputs (from the adapters' Grams)",
         description="Per task i (ADAPTER i, measured on its --data rows with `ilora grams`): "
@@ -181,13 +181,13 @@ def register_analyses(sub: argparse._SubParsersAction) -> None:
         epilog=INTERFERENCE_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    in_activations.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapters with grams.safetensors")
-    in_activations.add_argument(
+    activations.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapters with grams.safetensors")
+    activations.add_argument(
         "--data", action="append", required=True, metavar="GAME=DIR", help="task rows of the ADAPTER in the same position"
     )
-    in_activations.add_argument("--merged", nargs="+", default=[], metavar="STATE", help="merged-state folders")
-    in_activations.add_argument("--out", type=Path, help="also write the numbers (per module too) to this JSON file")
-    in_activations.set_defaults(func=run_analyze_interference)
+    activations.add_argument("--merged", nargs="+", default=[], metavar="STATE", help="merged-state folders")
+    activations.add_argument("--out", type=Path, help="also write the numbers (per module too) to this JSON file")
+    activations.set_defaults(func=run_analyze_interference)
 
 
 def run_analyze_merge(args: argparse.Namespace) -> int:

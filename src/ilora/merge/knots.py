@@ -9,7 +9,7 @@ import torch
 from ilora.config import field
 from ilora.errors import IloraError
 from ilora.merge import ops
-from ilora.merge.baselines import apply_rule
+from ilora.merge.baselines import apply_rule, check_rule_options
 from ilora.merge.io import LowRankDelta, ModuleDelta
 from ilora.merge.registry import MergeMethod, input_weights, module_generator, register
 
@@ -68,10 +68,7 @@ class KnOTSMerge(MergeMethod):
     def __post_init__(self) -> None:
         if self.rule not in ("ties", "dare_ties"):
             raise IloraError(f"rule {self.rule!r}: expected 'ties' or 'dare_ties'")
-        if not 0 <= self.density <= 1:
-            raise IloraError(f"--density {self.density}: must be in [0, 1]")
-        if self.majority_sign_method not in ("total", "frequency"):
-            raise IloraError(f"majority_sign_method {self.majority_sign_method!r}: expected 'total' or 'frequency'")
+        check_rule_options(self.density, self.majority_sign_method)
 
     def merge_module(self, module: str, deltas: list[ModuleDelta | None]) -> tuple[LowRankDelta, dict]:
         weights = input_weights(self.weights, len(deltas), self.name)
