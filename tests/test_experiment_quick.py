@@ -81,7 +81,8 @@ def test_rerun_skips_and_a_deleted_stage_is_redone_with_its_dependents(quick_run
     shutil.rmtree(run_dir / "merge" / "ilora")
     redo = Experiment(serial, log=lambda *_: None)
     redo.run()
-    assert sorted(redo.runner.ran) == ["eval/merge/ilora", "merge/ilora", "report"]
+    # the merge is redone with what reads it: its play and the interference analysis of the merges
+    assert sorted(redo.runner.ran) == ["analysis/interference", "eval/merge/ilora", "merge/ilora", "report"]
 
 
 def test_routed_and_joint_adapters_see_as_many_task_rows_as_plain_ones(quick_run):
@@ -132,8 +133,8 @@ def test_a_forced_stage_is_redone_by_the_workers_with_exactly_what_reads_it(quic
     forced.run()
     merges = ["merge/ilora", "merge/magmax", "merge/ties", "merge/peft:linear", "keep/0.5",
               "iter/Pong-Breakout/2", "iter/Breakout-Pong/2", "ablation-merge/routed"]
-    expected = {"train/routed/Pong", "eval/routed/Pong", "analysis/routed/Pong", "report",
-                *merges, *[f"eval/{m}" for m in merges]}
+    expected = {"train/routed/Pong", "eval/routed/Pong", "analysis/routed/Pong", "grams/Pong", "analysis/interference",
+                "report", *merges, *[f"eval/{m}" for m in merges]}
     assert forced.runner.redone == expected
     record = json.loads((run_dir / "train" / "routed" / "Pong" / "stage.json").read_text())
     assert record["fingerprint"] == forced.runner.fingerprint("train/routed/Pong")

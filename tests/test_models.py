@@ -135,7 +135,7 @@ def test_loader_refuses_non_vlm_and_mismatched_processor(tmp_path, tiny_vlm_dir)
     with pytest.raises(IloraError, match="not a vision-language model"):
         load_vlm(lm_dir)
     assert type(load_model(lm_dir)).__name__ == "Qwen2ForCausalLM"
-    with pytest.raises(IloraError, match="not found"):
+    with pytest.raises(IloraError, match="no such model folder"):
         load_vlm(tmp_path / "missing")
 
     import shutil

@@ -58,7 +58,8 @@ class AblationSettings:
 
     games: list[str] = field(
         default_factory=lambda: ["Pong", "Breakout"],
-        help="the pair the ablations train on and whose plain and routed adapters are merged ([]: none)",
+        help="the pair the ablations train on and whose plain and routed adapters are merged (none unless two of the "
+        "experiment's games)",
     )
     variants: dict[str, dict[str, float]] = field(
         default_factory=lambda: {
@@ -143,6 +144,11 @@ class ExperimentConfig:
     merge: MergeSettings = field(default_factory=MergeSettings, help="merges")
     eval: EvalSettings = field(default_factory=EvalSettings, help="play and scoring")
 
+    def ablation_pair(self) -> list[str]:
+        """``ablations.games`` when it is a pair of two of ``games``, else ``[]`` (no ablation pair is merged)."""
+        pair = list(self.ablations.games)
+        return pair if len(set(pair)) == 2 == len(pair) and set(pair) <= set(self.games) else []
+
     def __post_init__(self) -> None:
         """Refuse game lists the stages could not honour (each message names the key)."""
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
@@ -151,11 +157,8 @@ class ExperimentConfig:
         if not games or len(set(games)) != len(games):
             raise IloraError(f"games = {games}: need at least one game, each once")
         ablation = list(self.ablations.games)
-        if (self.ablations.variants or ablation) and (len(set(ablation)) != 2 or not set(ablation) <= set(games)):
-            raise IloraError(
-                f"ablations.games = {ablation}: the ablations train and merge a pair of two of games {games} "
-                "([] with no variants: no ablation pair)"
-            )
+        if self.ablations.variants and not self.ablation_pair():
+            raise IloraError(f"ablations.games = {ablation}: the ablations train and merge a pair of two of games {games}")
         for order in self.merge.orders:
             if sorted(order) != sorted(games):
                 raise IloraError(f"merge.orders: {list(order)} is not an order of games {games}")

@@ -256,7 +256,7 @@ class Experiment:
                 name = iterative_name(method, order, k)
                 jobs.append((name, [previous, inputs[k - 1]], method, self.merge_options(method)))
                 previous = name
-        pair = self.cfg.ablations.games
+        pair = self.cfg.ablation_pair()
         variants = {"plain": "plain", "routed": "routed", **{v: f"ablation/{v}" for v in self.cfg.ablations.variants}}
         for variant, prefix in variants.items() if pair else ():
             jobs.append((f"ablation-merge/{variant}", [f"{prefix}/{g}" for g in pair], "ilora", {"keep": m.keep}))
@@ -293,7 +293,7 @@ class Experiment:
     def eval_plan(self) -> dict[str, list[str]]:
         """Which games each model is played on."""
         games = list(self.cfg.games)
-        pair = list(self.cfg.ablations.games)
+        pair = self.cfg.ablation_pair()
         plan: dict[str, list[str]] = {"base": games}
         for name in [job[0] for job in self.training_jobs() + self.merge_jobs()]:
             if name.startswith(("ablation/", "ablation-merge/")):

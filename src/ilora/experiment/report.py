@@ -310,9 +310,9 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     md += ["## 7. Keep-ratio sweep (Figure 4) and loss ablations", "",
            table(["keep", *games], [[f"{k:g}", *[fmt(series[g][i]) for g in games]] for i, k in enumerate(keeps)]),
            "", "![keep sweep](keep_sweep.png)", ""]
-    pair = list(cfg.ablations.games)
+    pair = cfg.ablation_pair()
     if not pair:
-        md += ["This run merges no ablation pair (`ablations.games: []`).", ""]
+        md += ["This run merges no ablation pair (`ablations.games` is not two of its games).", ""]
     variants = {} if not pair else {"plain": (0.0, 0.0), "routed": (cfg.train.eps_kl, cfg.train.eps_norm),
                 **{v: (w.get("eps_kl", 0.0), w.get("eps_norm", 0.0)) for v, w in cfg.ablations.variants.items()}}
     rows = []
