@@ -120,6 +120,9 @@ CASES = [
     ("collect: fewer episodes than collected", "collect --game Pong --episodes 2 --max-steps 30 --out {collected}",
      ["{collected}", "--overwrite"]),
     ("train: existing out", "train {train_existing_out}", ["{trained}", "--overwrite"]),
+    ("play: --json in a missing folder", f"{PLAY} --model builtin --json {{out}}/no/such/r.json", ["--json", "does not exist"]),
+    ("eval: --json in a missing folder", "eval general --model builtin --rows 4 --json {out}/no/such/r.json",
+     ["--json", "does not exist"]),
 ]
 
 

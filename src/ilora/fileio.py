@@ -59,6 +59,17 @@ def _new_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, an output file that could not be written: its folder is missing or
+    the path is a folder. ``what`` names the option in the one-line error (e.g. ``"--json"``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IloraError(f"{what} {path}: is a folder, expected a file path")
+    if not path.parent.is_dir():
+        raise IloraError(f"{what} {path}: folder {path.parent} does not exist")
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a hidden temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)

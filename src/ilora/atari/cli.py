@@ -111,9 +111,12 @@ def _play(args: argparse.Namespace) -> int:
     from ilora.atari.evaluate import format_summary, play_episodes, save_result, summarize
     from ilora.atari.video import EpisodeRecorder, check_video_path, save_video
     from ilora.errors import IloraError
+    from ilora.fileio import check_output_file
 
     if args.video:
         check_video_path(args.video)
+    if args.json:
+        check_output_file(args.json, "--json")
     agent = load_agent(
         args.model, args.game, adapter=args.adapter, dtype=args.dtype, device=args.device, mode=args.mode,
         reasoning=args.reasoning, object_text=args.object_text, max_new_tokens=args.max_new_tokens,

@@ -55,11 +55,13 @@ def run_base(args: argparse.Namespace) -> int:
 
 
 def run_eval_general(args: argparse.Namespace) -> int:
-    from ilora.fileio import atomic_write_text, to_json
+    from ilora.fileio import atomic_write_text, check_output_file, to_json
     from ilora.general.data import generate_general_rows
     from ilora.models.load import load_vlm_merged
     from ilora.models.pretrain import accuracy_by_task
 
+    if args.json:
+        check_output_file(args.json, "--json")
     model, processor = load_vlm_merged(args.model, args.adapter)
     image_size = processor.image_processor.size.get("height", 96)
     rows = generate_general_rows(args.rows, args.seed, "test", image_size=image_size)
