@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 
 from ilora.experiment import stats
-from ilora.experiment.results import BAR_GAP, NEAR_RANDOM, Results, SeedResults, fmt, merged_models, near_random
+from ilora.experiment.results import (
+    BAR_GAP,
+    NEAR_RANDOM,
+    Results,
+    SeedResults,
+    fmt,
+    merged_models,
+    near_random,
+    stage_minutes,
+)
 
 # The paper's Table 4 (retention after merging four games), for reference only: its games
 # and scale differ from ours.
@@ -348,9 +357,9 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
             gifs.append(f"routed-{g}.gif")
     md += ["Gameplay (first episode, first steps, the model's action alongside): " + ", ".join(f"[{n}]({n})" for n in sorted(set(gifs))), ""]
 
-    seconds = sum(json.loads((experiment.runner.folder(s) / "stage.json").read_text())["seconds"]
-                  for s in experiment.runner.all_stages() if (experiment.runner.folder(s) / "stage.json").is_file())
-    md += [f"Compute: {seconds / 60:.1f} min summed over the stages' own run times (first computation of each).", ""]
+    minutes = stage_minutes(experiment)
+    md += [f"Compute: {sum(minutes.values()):.1f} min summed over the stages' own run times (first computation of each): "
+           + ", ".join(f"{kind} {m:.1f}" for kind, m in sorted(minutes.items(), key=lambda kv: -kv[1])) + ".", ""]
     (folder / "REPORT.md").write_text("\n".join(md))
     summary_rows = rows_table4
     summary = {"games": games, "bar_games": scored, "retention": {r[0]: r[1:] for r in summary_rows}, "best": best}

@@ -9,6 +9,7 @@ fixed seed); over seeds, from resampling seeds and then episodes (:mod:`ilora.ex
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -94,6 +95,21 @@ class Results:
             if not p["ci_low"] > random:
                 why.append(f"{kind} CI low {p['ci_low']:.1f} <= random {random:.1f}")
         return why
+
+
+def stage_minutes(experiment) -> dict[str, float]:
+    """Minutes of each stage's own run time (its first computation), summed by the kind of stage:
+    data, training of plain / routed / joint / ablation adapters, grams, merge, eval, analysis."""
+    totals: dict[str, float] = {}
+    for stage in experiment.runner.all_stages():
+        record = experiment.runner.folder(stage) / "stage.json"
+        if not record.is_file():
+            continue
+        parts = stage.split("/")
+        kind = "/".join(parts[:2]) if parts[0] == "train" else parts[0].split("-")[0]
+        kind = {"keep": "merge", "iter": "merge", "ablation": "merge"}.get(kind, kind)
+        totals[kind] = totals.get(kind, 0.0) + json.loads(record.read_text())["seconds"] / 60
+    return totals
 
 
 def own_routed(game: str) -> str:

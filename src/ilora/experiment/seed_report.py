@@ -20,7 +20,7 @@ from typing import Any
 from ilora.experiment import stats
 from ilora.experiment.config import ExperimentConfig
 from ilora.experiment.report import plot_retention, table
-from ilora.experiment.results import SeedResults, estimate_cell, fmt, merged_models
+from ilora.experiment.results import SeedResults, estimate_cell, fmt, merged_models, stage_minutes
 from ilora.fileio import atomic_dir
 
 KEEP_MEAN, KEEP_MIN = 0.9, 0.8  # "keeps every game": mean retention and every game's retention
@@ -75,6 +75,12 @@ def write_seed_report(config: ExperimentConfig, experiments: Sequence[Any], out:
            f"General accuracy of the base: {fmt(base_general, 3)} (a merge should stay within {GENERAL_TOLERANCE:g}). "
            f"Means over games are over {', '.join(counted) or 'no game'}.", ""]
     md += [_best_line(estimates), ""]
+    minutes = [stage_minutes(x) for x in experiments]
+    kinds = sorted({k for m in minutes for k in m}, key=lambda k: -sum(m.get(k, 0.0) for m in minutes))
+    md += ["## Compute", "",
+           "Minutes of the stages' own run times (first computation of each), by kind of stage and seed:", "",
+           table(["seed", *kinds, "total"], [[str(s), *[f"{m.get(k, 0.0):.1f}" for k in kinds], f"{sum(m.values()):.1f}"]
+                                            for s, m in zip(seeds, minutes)]), ""]
     report = "\n".join(md)
     with atomic_dir(out) as tmp:
         (tmp / "REPORT.md").write_text(report)
