@@ -183,3 +183,13 @@ def test_output_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "made").stat().st_mode & 0o777 == 0o755
+
+
+def test_python_dash_m_and_version_work_like_the_console_script():
+    import subprocess
+    import sys
+
+    from ilora import __version__
+
+    out = subprocess.run([sys.executable, "-m", "ilora", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"ilora {__version__}"

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from ilora import __version__
 from ilora.errors import IloraError
 
 # Modules whose ``register(subparsers)`` adds commands, in the order `--help` lists them; a
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ilora",
         description="Routing-tuned LoRA adapters, iteratively merged (I-LoRA), and the Atari benchmark.",
     )
+    parser.add_argument("--version", action="version", version=f"ilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = []
     for name in COMMAND_MODULES:
