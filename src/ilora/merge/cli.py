@@ -15,6 +15,9 @@ EXAMPLE = """example:
 """
 
 
+EXPORT_WORST_SHOWN = 5  # modules listed after an export (a 7B model has 354; the JSON report has every one)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "merge",
@@ -83,8 +86,8 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.export_lora is not None:
         folder = Path(args.out) / f"lora_rank{args.export_lora}"
         report = json.loads((folder / EXPORT_REPORT).read_text())
-        for module, err in report["modules"].items():
-            print(f"  export rank {args.export_lora}: {module}: relative error {err:.4g}")
+        worst = sorted(report["modules"].items(), key=lambda item: -item[1])[:EXPORT_WORST_SHOWN]
+        print(f"  export rank {args.export_lora}, worst modules: " + ", ".join(f"{m} {e:.3g}" for m, e in worst))
         print(f"exported LoRA rank {args.export_lora} -> {folder}: overall relative error {report['relative_error']:.4g}")
     if args.save_model:
         print(f"merged model -> {Path(args.out) / 'model'}")
