@@ -14,11 +14,13 @@ once), ``iter/<order>/<k>`` (I-LoRA merging one game at a time, after k games),
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -521,6 +523,10 @@ def run_replicates(experiments: list[Experiment]) -> None:
             keyed_jobs.append(keyed)
             owners[keyed.key] = (experiment, job)
     schedule = Schedule(keyed_jobs)
+    labels = {  # how the progress lines name a stage: with its replicate's folder when there are several
+        key: job.key if len(experiments) == 1 else f"{Path(x.cfg.run_dir).name}/{job.key}"
+        for key, (x, job) in owners.items()
+    }
     start = time.time()
     pool = None
     running: dict[Future, Job] = {}
@@ -532,9 +538,10 @@ def run_replicates(experiments: list[Experiment]) -> None:
                 if experiment._registered(job):
                     schedule.finish(keyed, computed=False)
                 elif job.local or first.workers <= 1:
-                    experiment._call(job)
+                    with output_to(stage_log(experiment.cfg, job.key)):
+                        experiment._call(job)
                     schedule.finish(keyed)
-                    _progress(first.log, schedule, start)
+                    _progress(first.log, schedule, start, labels[keyed.key])
                 elif len(running) < first.workers:
                     if pool is None:
                         import multiprocessing
@@ -554,22 +561,25 @@ def run_replicates(experiments: list[Experiment]) -> None:
             for future in finished:
                 keyed = running.pop(future)
                 experiment, job = owners[keyed.key]
-                future.result()  # a worker's error stops the run here, with its traceback
+                try:
+                    future.result()
+                except Exception as err:  # a worker's error stops the run here, naming the stage's log
+                    raise RuntimeError(f"stage {keyed.key} failed; its output: {stage_log(experiment.cfg, job.key)}") from err
                 experiment.runner.redone.add(job.key)
                 if not experiment._registered(job):
                     raise RuntimeError(f"stage {keyed.key} finished in a worker but its record does not match")
                 schedule.finish(keyed)
-                _progress(first.log, schedule, start)
+                _progress(first.log, schedule, start, labels[keyed.key])
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
 
-def _progress(log: Callable[[str], None], schedule: Schedule, start: float) -> None:
+def _progress(log: Callable[[str], None], schedule: Schedule, start: float, stage: str) -> None:
     elapsed = time.time() - start
     eta = schedule.eta_seconds(elapsed)
     left = f", about {eta / 60:.0f} min left" if eta is not None else ""
-    log(f"[{elapsed / 60:5.1f} min] {len(schedule.done)}/{len(schedule.jobs)} stages done{left}")
+    log(f"[{elapsed / 60:5.1f} min] {stage} done; {len(schedule.done)}/{len(schedule.jobs)} stages done{left}")
 
 
 def task_matched_steps(steps: int, n_task: int, n_general: int) -> int:
@@ -584,10 +594,12 @@ def task_matched_steps(steps: int, n_task: int, n_general: int) -> int:
 
 
 def _run_job(config: ExperimentConfig, force: tuple[str, ...], redone: set[str], job: Job) -> None:
-    """Worker-process entry of :meth:`Experiment.run_jobs`: compute one job's stage.
+    """Worker-process entry of :func:`run_replicates`: compute one job's stage.
 
     ``redone`` names the stages already recomputed in this run, so that a forced prefix does not
     make the worker redo the stages this job reads (they are only re-entered to load their models).
+    Everything the stage prints (progress bars, the emulator's banner) goes to its log file
+    (:func:`stage_log`), so the terminal keeps the parent's one line per stage.
     """
     if config.threads:
         import torch
@@ -595,7 +607,34 @@ def _run_job(config: ExperimentConfig, force: tuple[str, ...], redone: set[str],
         torch.set_num_threads(config.threads)
     experiment = Experiment(config, force, workers=1)
     experiment.runner.redone |= redone
-    experiment._call(job)
+    with output_to(stage_log(config, job.key)):
+        experiment._call(job)
+
+
+def stage_log(config: ExperimentConfig, stage: str) -> Path:
+    """Where a stage computed by a worker process writes its output: ``run_dir/logs/<stage>.log``."""
+    return Path(config.run_dir) / "logs" / f"{stage.replace('/', '__')}.log"
+
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """Send this process's stdout and stderr (Python's and the C libraries') to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def print_now(line: str) -> None:
