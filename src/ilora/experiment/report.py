@@ -122,8 +122,9 @@ def plot_retention(path: Path, sr: SeedResults, models: dict[str, str | Callable
     """Grouped bars of retention per method and game with their two-level 95% intervals."""
     labels = list(models)
     width = 0.8 / len(games)
-    with figure(path, (max(7.0, 0.9 * len(labels) * len(games) / 2), 4.2),
-                f"Retention over seeds {', '.join(map(str, sr.seeds))} (95% intervals: seeds x episodes)",
+    with figure(path, (max(7.0, 0.6 * len(labels) + 2), 4.5),
+                f"Retention after merging, seed{'s' if len(sr.seeds) > 1 else ''} {', '.join(map(str, sr.seeds))} "
+                "(95% intervals over seeds x episodes; no bar: the game misses the bar)",
                 "retention") as ax:
         for i, game in enumerate(games):
             values, lows, highs = [], [], []
