@@ -10,7 +10,8 @@ import torch
 
 from ilora.cli import main
 from ilora.errors import IloraError
-from ilora.merge.grams import GRAMS_FILE, collect_grams, load_grams
+from ilora.merge.grams import GRAMS_FILE, load_grams
+from ilora.routing.grams import collect_grams
 from ilora.merge.interference import activation_interference, delta_difference, output_energy
 from ilora.merge.io import LoraAdapter
 from ilora.models.load import load_vlm

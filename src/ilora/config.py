@@ -117,6 +117,12 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_named_path(value: str) -> tuple[str, Path]:
+    """A ``NAME=DIR`` command-line value, or ``DIR`` alone (named after the folder)."""
+    name, sep, path = value.partition("=")
+    return (name, Path(path)) if sep else (Path(value).name, Path(value))
+
+
 def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge: ``new`` wins; nested mappings are merged, not replaced (``{}`` clears)."""
     out = dict(base)

@@ -203,7 +203,7 @@ class Experiment:
     def grams(self, game: str) -> None:
         """``game``'s routed adapter with its input Grams on task and general rows (stage
         ``grams/<game>``), the input of data-aware merges and of the interference analysis."""
-        from ilora.merge.grams import compute_adapter_grams
+        from ilora.routing.grams import compute_adapter_grams
 
         self.ensure(f"routed/{game}")
         source = self.models[f"routed/{game}"].adapter

@@ -40,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--list-methods", action="store_true", help="print the merge methods and exit")
     p.set_defaults(func=run_merge)
-    register_grams(subparsers)
 
 
 def comma_floats(text: str) -> list[float]:
@@ -91,68 +90,6 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"exported LoRA rank {args.export_lora} -> {folder}: overall relative error {report['relative_error']:.4g}")
     if args.save_model:
         print(f"merged model -> {Path(args.out) / 'model'}")
-    return 0
-
-
-GRAMS_EXAMPLE = """example:
-  ilora grams runs/pong/adapter --data data/pong/train --general data/general/train --rows 256
-"""
-
-
-def register_grams(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "grams",
-        help="measure an adapter's input Grams per LoRA module (for data-aware merges and interference)",
-        description="Mean input Gram XᵀX/count of every LoRA module on the adapter's task rows (and general "
-        "rows), measured in base + adapter; written to ADAPTER/grams.safetensors.",
-        epilog=GRAMS_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder")
-    p.add_argument("--data", required=True, metavar="TASK_DIR", help="the adapter's task rows (datasets.save_to_disk)")
-    p.add_argument("--general", metavar="DIR", help="general rows (datasets.save_to_disk)")
-    p.add_argument("--rows", type=int, default=256, help="first rows of each dataset used (default 256)")
-    p.add_argument("--base", help="base model (default: the adapter config's base_model_name_or_path)")
-    p.add_argument("--out", help="Grams file (default: ADAPTER/grams.safetensors)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=run_grams)
-
-
-def saved_rows(flag: str, path: str, limit: int):
-    """The first ``limit`` rows of a ``datasets.save_to_disk`` folder of example rows."""
-    from datasets import Dataset, load_from_disk
-
-    if not Path(path).is_dir():
-        raise IloraError(f"{flag} {path}: not a folder saved with datasets.save_to_disk")
-    try:
-        ds = load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise IloraError(f"{flag} {path}: cannot load dataset ({err})") from err
-    if not isinstance(ds, Dataset):
-        raise IloraError(f"{flag} {path}: a DatasetDict; give one split's folder")
-    missing = sorted({"prompt", "answer"} - set(ds.column_names))
-    if missing:
-        raise IloraError(f"{flag} {path}: rows lack {missing}; expected example rows (images, prompt, answer)")
-    if len(ds) == 0:
-        raise IloraError(f"{flag} {path}: no rows")
-    return ds.select(range(min(limit, len(ds))))
-
-
-def run_grams(args: argparse.Namespace) -> int:
-    from ilora.merge.grams import compute_adapter_grams
-    from ilora.merge.io import LoraAdapter
-
-    if args.rows < 1:
-        raise IloraError(f"--rows {args.rows}: must be at least 1")
-    if args.batch_size < 1:
-        raise IloraError(f"--batch-size {args.batch_size}: must be at least 1")
-    LoraAdapter(args.adapter)  # a bad adapter folder fails before any data or model is read
-    task = saved_rows("--data", args.data, args.rows)
-    general = saved_rows("--general", args.general, args.rows) if args.general else None
-    out = compute_adapter_grams(args.base, args.adapter, task, general, args.out, args.batch_size, args.device)
-    kinds = f"{len(task)} task" + (f" and {len(general)} general" if general is not None else "")
-    print(f"Grams of {args.adapter} on {kinds} rows -> {out}")
     return 0
 
 
@@ -208,14 +145,14 @@ def run_analyze_merge(args: argparse.Namespace) -> int:
 
 def run_analyze_interference(args: argparse.Namespace) -> int:
     from ilora.fileio import atomic_write_text
-    from ilora.routing.cli import parse_data_arg
+    from ilora.config import parse_named_path
     from ilora.merge.interference import adapter_interference, format_activation_interference
 
     if len(args.data) != len(args.adapters):
         raise IloraError(f"{len(args.adapters)} adapters but {len(args.data)} --data; give one GAME=DIR per adapter, in order")
     games = []
     for value in args.data:
-        name, path = parse_data_arg(value)
+        name, path = parse_named_path(value)
         if not path.is_dir():
             raise IloraError(f"--data {value}: {path} is not a folder")
         games.append(name)
@@ -226,7 +163,7 @@ def run_analyze_interference(args: argparse.Namespace) -> int:
     stats = adapter_interference(args.adapters, args.merged)
     print(format_activation_interference(games, stats))
     if args.out is not None:
-        record = {"games": games, "data": [str(parse_data_arg(v)[1]) for v in args.data], **stats}
+        record = {"games": games, "data": [str(parse_named_path(v)[1]) for v in args.data], **stats}
         atomic_write_text(args.out, json.dumps(record, indent=1))
         print(f"-> {args.out}")
     return 0
