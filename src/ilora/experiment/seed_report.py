@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 from ilora.experiment import stats
 from ilora.experiment.config import ExperimentConfig
 from ilora.experiment.report import plot_retention, table
