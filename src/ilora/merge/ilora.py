@@ -87,7 +87,7 @@ class ILoRAMerge(MergeMethod):
                 records[i].update(kept=len(s), threshold=threshold, svd_block=width)
             elif isinstance(delta, LowRankDelta) and delta.merged:  # a factored merged state: exact SVD
                 if threshold is None:
-                    candidates[i] = (delta.lora_B * delta.scale, delta.lora_A)
+                    candidates[i] = delta.candidate()
                     records[i]["kept"] = None
                     continue
                 u, s, vh = ops.factorized_svd(delta.lora_B, delta.lora_A, delta.scale)

@@ -201,13 +201,6 @@ def _ratios(energies: torch.Tensor, changes: Mapping[str, torch.Tensor]) -> dict
     }
 
 
-def _candidate(delta) -> ops.Candidate:
-    """A merge input's module delta (``io.LowRankDelta`` or ``io.DenseDelta``) as dense or a pair."""
-    if hasattr(delta, "lora_A"):
-        return delta.lora_B * delta.scale, delta.lora_A
-    return delta.dense()
-
-
 def adapter_interference(
     adapters: Sequence[str | os.PathLike], merged: Sequence[str | os.PathLike] = ()
 ) -> dict:
@@ -238,11 +231,11 @@ def adapter_interference(
                 raise IloraError(f"{name}: module {module!r} has shape {tuple(shape)}, the adapters {shapes[module]}")
 
     def state_delta(state):
-        return lambda module: _candidate(state.load(module)) if module in state.modules else None
+        return lambda module: state.load(module).candidate() if module in state.modules else None
 
     stats = activation_interference(
         list(shapes),
-        [lambda module, s=source: _candidate(s.load(module)) for source in sources],
+        [lambda module, s=source: s.load(module).candidate() for source in sources],
         [g.task for g in grams],
         {name: state_delta(state) for name, state in states.items()},
     )

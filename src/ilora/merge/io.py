@@ -55,6 +55,10 @@ class LowRankDelta:
     def dense(self) -> torch.Tensor:
         return ops.lora_delta(self.lora_B, self.lora_A, self.scale)
 
+    def candidate(self) -> ops.Candidate:
+        """``(scale·B, A)``: the delta as the factor pair the ``ops`` functions take."""
+        return self.lora_B * self.scale, self.lora_A
+
 
 @dataclass
 class DenseDelta:
@@ -63,6 +67,10 @@ class DenseDelta:
     delta: torch.Tensor
 
     def dense(self) -> torch.Tensor:
+        return self.delta
+
+    def candidate(self) -> ops.Candidate:
+        """The dense delta, as the ``ops`` functions take it."""
         return self.delta
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ilora.merge import ops
-from ilora.merge.io import LowRankDelta, ModuleDelta
+from ilora.merge.io import ModuleDelta
 from ilora.merge.registry import MergeMethod, register
 
 
@@ -18,7 +18,5 @@ class MagMaxMerge(MergeMethod):
 
     def merge_module(self, module: str, deltas: list[ModuleDelta | None]) -> tuple[torch.Tensor, dict]:
         # LoRA inputs stay factored: max_magnitude forms their products a row block at a time.
-        present = [
-            (d.lora_B * d.scale, d.lora_A) if isinstance(d, LowRankDelta) else d.dense() for d in deltas if d is not None
-        ]
+        present = [d.candidate() for d in deltas if d is not None]
         return ops.max_magnitude(present), {"n_inputs": len(present)}

@@ -98,8 +98,8 @@ class OPCMMerge(MergeMethod):
             if "lambda" not in record:
                 raise IloraError(f"--method opcm: the merged state's record of {module!r} has no λ")
             lam, tasks = float(record["lambda"]), int(record["tasks"])
-        merged = (first.lora_B * first.scale, first.lora_A)
+        merged = first.candidate()
         for delta in present[1:]:
-            merged, lam = opcm_step(merged, lam, (delta.lora_B * delta.scale, delta.lora_A), self.alpha, self.rtol)
+            merged, lam = opcm_step(merged, lam, delta.candidate(), self.alpha, self.rtol)
             tasks += 1
         return LowRankDelta(*merged, 1.0), {"lambda": lam, "tasks": tasks}

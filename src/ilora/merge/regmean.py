@@ -118,7 +118,7 @@ class RegMeanMerge(MergeMethod):
                 delta = src.load(module)
                 row_spaces.append(delta.lora_A)
                 task = src_grams.task(module)
-                low_rank = (delta.lora_B * delta.scale, delta.lora_A)
+                low_rank = delta.candidate()
                 ops.add_delta_gram_(sums[DELTA_GRAM], low_rank, task, weight, self.alpha)
                 ops.add_scaled_gram_(sums[TASK_GRAM], task, weight, self.alpha)
                 del task  # before the general Gram is read: one Gram in memory besides the sums
