@@ -26,6 +26,12 @@ class TrainConfig:
     general_data: list[DataSpec] = field(
         default_factory=list, help="general datasets: general VL data and other games (route 'general')"
     )
+    fold_adapters: list[str] = field(
+        default_factory=list,
+        help="LoRA adapters added to the base weights before training (frozen): train an adapter in the model it will "
+        "be merged into, e.g. the other tasks' adapters (leak-aware refit)",
+    )
+    init_adapter: str | None = field(None, help="LoRA adapter to continue from (its rank and targets are used)")
     dtype: str = field("float32", help="model dtype: float32, bfloat16, float16")
     training: dict[str, Any] = field(
         default_factory=dict, help="RoutingConfig fields: eps_lm/eps_kl/eps_norm, lora_r, learning_rate, ..."

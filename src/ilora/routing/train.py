@@ -16,13 +16,16 @@ from typing import Any
 
 from ilora.config import from_dict
 from ilora.errors import IloraError
-from ilora.fileio import atomic_dir
+from ilora.fileio import atomic_dir, file_sha256
+from ilora.models.adapter import check_lora_adapter, check_modules_fit, lora_weights_file
 from ilora.routing.collator import Source, mix_sources
 from ilora.routing.config import DataSpec, TrainConfig
+from ilora.routing.lora import load_adapter
 from ilora.routing.trainer import TERMS, RoutingConfig, RoutingTrainer
 
 LOSS_LOG = "loss_log.json"
 CONFIG_FILE = "routing_config.json"
+TRAINED_ON_FILE = "trained_on.json"
 
 
 def load_model_and_processor(model_path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
@@ -73,8 +76,17 @@ def train_adapter(
     resume: bool = False,
     dtype: str = "float32",
     overwrite: bool = False,
+    fold_adapters: Sequence[str | os.PathLike] = (),
+    init_adapter: str | os.PathLike | None = None,
 ) -> Path:
     """Train one routed LoRA adapter and save it as a standard PEFT adapter folder.
+
+    With ``fold_adapters`` the adapter is trained on a base that has other adapters' deltas
+    added to its weights (PEFT's ``merge_and_unload``): the model it will live in after a
+    summed merge. Its LM loss then learns the task through the others' leaks on the task's
+    rows, and its KL and norm terms keep it quiet on their rows with them present (the
+    KL's reference is the folded base). The saved adapter is still a delta on the plain
+    base, with the folded adapters named in ``trained_on.json``.
 
     Args:
         model_path: HF model folder or hub id (VLM or causal LM).
@@ -88,6 +100,9 @@ def train_adapter(
             continued run replaces ``out_dir``.
         dtype: model dtype.
         overwrite: replace an existing ``out_dir`` (otherwise refused before training, unless resuming).
+        fold_adapters: LoRA adapter folders added to the base weights before training (frozen).
+        init_adapter: a LoRA adapter folder to continue from (its rank, alpha and targets
+            replace ``config``'s LoRA settings); default: a fresh LoRA from ``config``.
 
     Returns:
         ``out_dir``.
@@ -101,6 +116,10 @@ def train_adapter(
     args = copy.deepcopy(config)
     args.output_dir = str(run_dir)
     model, processor = load_model_and_processor(model_path, dtype, "cpu")
+    for folder in fold_adapters:
+        model = load_adapter(model, folder).merge_and_unload()
+    if init_adapter is not None:
+        model = load_adapter(model, init_adapter, trainable=True)
     dataset = mix_sources(task_rows, general_rows, seed=args.seed)
     trainer = RoutingTrainer(model, args, train_dataset=dataset, processing_class=processor)
     checkpoint = get_last_checkpoint(str(run_dir)) if resume and run_dir.is_dir() else None
@@ -112,9 +131,26 @@ def train_adapter(
             trainer.model.save_pretrained(tmp)
             (tmp / CONFIG_FILE).write_text(args.to_json_string())
             (tmp / LOSS_LOG).write_text(json.dumps(trainer.state.log_history, indent=1))
+            (tmp / TRAINED_ON_FILE).write_text(json.dumps(trained_on(model_path, fold_adapters, init_adapter), indent=1))
             plot_loss_log(trainer.state.log_history, tmp / "loss.png")
     trainer.accelerator.wait_for_everyone()
     return out_dir
+
+
+def trained_on(
+    model_path: str | os.PathLike, fold_adapters: Sequence[str | os.PathLike], init_adapter: str | os.PathLike | None
+) -> dict[str, Any]:
+    """What an adapter was trained on: the base, the adapters folded into it and the one it
+    continued from, each adapter with the sha256 of its weights."""
+
+    def named(folder: str | os.PathLike) -> dict[str, str]:
+        return {"path": str(folder), "sha256": file_sha256(lora_weights_file(Path(folder)))}
+
+    return {
+        "base": str(model_path),
+        "folded": [named(f) for f in fold_adapters],
+        "init": None if init_adapter is None else named(init_adapter),
+    }
 
 
 def routing_config(training: dict[str, Any], where: str = "training") -> RoutingConfig:
@@ -151,11 +187,31 @@ def load_sources(specs: Sequence[DataSpec], route: str, where: str) -> list[Sour
     return sources
 
 
+def check_adapters_fit(config: TrainConfig) -> None:
+    """Refuse a ``fold_adapters`` or ``init_adapter`` folder that is not a LoRA adapter of ``model``'s shapes."""
+    from ilora.models.load import model_weight_shapes, resolve_model_path
+
+    named = [(f"fold_adapters[{i}]", f) for i, f in enumerate(config.fold_adapters)]
+    named += [("init_adapter", config.init_adapter)] if config.init_adapter is not None else []
+    if not named:
+        return
+    shapes = model_weight_shapes(resolve_model_path(config.model))
+    for key, folder in named:
+        try:
+            check_modules_fit(check_lora_adapter(folder), shapes, folder, config.model)
+        except IloraError as err:
+            raise IloraError(f"{key}: {err}") from err
+
+
 def train_from_config(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run ``ilora train`` for a loaded ``TrainConfig``."""
     if not config.task_data:
         raise IloraError("task_data: at least one task dataset is needed")
     args = routing_config(config.training)
+    check_adapters_fit(config)
     task = load_sources(config.task_data, "task", "task_data")
     general = load_sources(config.general_data, "general", "general_data")
-    return train_adapter(config.model, task, general, args, config.out, resume=resume, dtype=config.dtype, overwrite=overwrite)
+    return train_adapter(
+        config.model, task, general, args, config.out, resume=resume, dtype=config.dtype, overwrite=overwrite,
+        fold_adapters=config.fold_adapters, init_adapter=config.init_adapter,
+    )
