@@ -7,6 +7,7 @@ scalars, so numbers often arrive as strings.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,15 @@ def test_merge_refuses_a_mistyped_option_before_writing(tmp_path, capsys):
     out = tmp_path / "merged"
     refused_in_one_line(capsys, ["merge", "a", "b", "--out", str(out), "--option", "svd_tol=tiny"], "svd_tol")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("setting, key", [("refit.steps_share=-1", "refit.steps_share"),
+                                          ("refit.methods=[regmean]", "refit.methods"),
+                                          ("merge.methods=[no_such_method]", "no_such_method")])
+def test_experiment_refuses_a_setting_it_cannot_honour_before_any_stage(tmp_path, capsys, setting, key):
+    run_dir = tmp_path / "run"
+    quick = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
+    args = ["experiment", str(quick), "--set", f"run_dir={run_dir}", "--set", "refit.steps_share=0.5",
+            "--set", setting]
+    refused_in_one_line(capsys, args, key)
+    assert not run_dir.exists()

@@ -133,8 +133,28 @@ def test_a_forced_stage_is_redone_by_the_workers_with_exactly_what_reads_it(quic
     forced.run()
     merges = ["merge/ilora", "merge/magmax", "merge/ties", "merge/peft:linear", "keep/0.5",
               "iter/Pong-Breakout/2", "iter/Breakout-Pong/2", "ablation-merge/routed"]
+    merges += ["merge-refit/sum"]
+    refits = [f"train/refit/{g}" for g in config.games] + [f"eval/refit/{g}" for g in config.games]
     expected = {"train/routed/Pong", "eval/routed/Pong", "analysis/routed/Pong", "grams/Pong", "analysis/interference",
-                "report", *merges, *[f"eval/{m}" for m in merges]}
+                "report", *merges, *[f"eval/{m}" for m in merges], *refits}
     assert forced.runner.redone == expected
     record = json.loads((run_dir / "train" / "routed" / "Pong" / "stage.json").read_text())
     assert record["fingerprint"] == forced.runner.fingerprint("train/routed/Pong")
+
+
+def test_refit_adapters_continue_from_their_routed_adapter_with_the_others_folded(quick_run):
+    """A refit adapter starts from its game's routed adapter, on the base with the other games'
+    routed adapters added, for its share of the routed adapter's steps; the report merges them."""
+    from ilora.fileio import file_sha256
+
+    config, run_dir, report = quick_run
+    for game in config.games:
+        record = json.loads((run_dir / "train" / "refit" / game / "adapter" / "trained_on.json").read_text())
+        weights = {g: file_sha256(run_dir / "train" / "routed" / g / "adapter" / "adapter_model.safetensors")
+                   for g in config.games}
+        assert record["init"]["sha256"] == weights[game]
+        assert [f["sha256"] for f in record["folded"]] == [weights[g] for g in config.games if g != game]
+        steps = {kind: json.loads((run_dir / "train" / kind / game / "stage.json").read_text())["result"]["steps"]
+                 for kind in ("routed", "refit")}
+        assert steps["refit"] == max(1, round(steps["routed"] * config.refit.steps_share))
+    assert "sum of refit adapters" in report.read_text()

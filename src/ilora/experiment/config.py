@@ -97,6 +97,25 @@ class MergeSettings:
 
 
 @dataclasses.dataclass
+class RefitSettings:
+    """Leak-aware refit (off by default): each game's routed adapter trained on, continuing from
+    itself, on the base with the other games' routed adapters folded into its weights -- the model
+    a summed merge puts it in -- so that it learns its game through their leaks and stays quiet on
+    their rows with them present. The refit adapters are merged like the routed ones."""
+
+    steps_share: float = field(0.0, help="refit steps as a share of a routed adapter's steps (0: no refit adapters)")
+    methods: list[str] = field(
+        default_factory=lambda: ["sum", "ilora", "tsv"],
+        help="registry methods merging the refit adapters of all games (no data-aware ones: Grams are measured for "
+        "the routed adapters)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.steps_share < 0:
+            raise IloraError(f"refit.steps_share = {self.steps_share}: must be >= 0")
+
+
+@dataclasses.dataclass
 class EvalSettings:
     """Playing and scoring."""
 
@@ -142,6 +161,7 @@ class ExperimentConfig:
     train: TrainSettings = field(default_factory=TrainSettings, help="adapter training")
     ablations: AblationSettings = field(default_factory=AblationSettings, help="loss ablations / ε sweep")
     merge: MergeSettings = field(default_factory=MergeSettings, help="merges")
+    refit: RefitSettings = field(default_factory=RefitSettings, help="leak-aware refit of the routed adapters")
     eval: EvalSettings = field(default_factory=EvalSettings, help="play and scoring")
 
     def ablation_pair(self) -> list[str]:

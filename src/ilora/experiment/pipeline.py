@@ -9,7 +9,9 @@ Model names used throughout (and in the report):
 ``joint`` (one LoRA on all games' data), ``merge/<method>`` (routed adapters merged all at
 once), ``iter/<order>/<k>`` (I-LoRA merging one game at a time, after k games),
 ``keep/<ratio>`` (I-LoRA with another keep ratio), ``ablation/<variant>/<game>`` and
-``ablation-merge/<variant>`` (loss ablations on a pair of games).
+``ablation-merge/<variant>`` (loss ablations on a pair of games), ``refit/<game>`` (a routed
+adapter trained on with the other games' routed adapters folded into the base) and
+``merge-refit/<method>`` (the refit adapters merged all at once).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 from ilora.atari.games import DEFAULT_FRAME_SKIP
 from ilora.config import to_dict
+from ilora.errors import IloraError
 from ilora.experiment.config import ExperimentConfig
 from ilora.experiment.evaluation import own_episodes, resolve_device
 from ilora.experiment.schedule import (
@@ -46,6 +49,30 @@ from ilora.fileio import file_sha256
 from ilora.models.load import builtin_base
 
 PLAIN = {"eps_kl": 0.0, "eps_norm": 0.0}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter the experiment trains (stage ``train/<name>``).
+
+    Attributes:
+        name: the model name (``plain/Pong``, ``routed/Pong``, ``joint``, ...).
+        task: the games whose rows get the LM loss.
+        weights: ``eps_kl`` and ``eps_norm`` (both 0: plain LoRA, no general rows).
+        steps: optimiser steps; ``None``: ``train.max_steps``, matched to task rows when routed.
+        refit: continue from ``routed/<game>`` on the base with the other games' routed adapters
+            folded in, for ``refit.steps_share`` of the routed adapter's steps.
+    """
+
+    name: str
+    task: tuple[str, ...]
+    weights: dict[str, float]
+    steps: int | None = None
+    refit: bool = False
+
+    @property
+    def routed(self) -> bool:
+        return self.weights["eps_kl"] > 0 or self.weights["eps_norm"] > 0
 
 
 @dataclass
@@ -126,19 +153,27 @@ class Experiment:
 
         self.stage("data/general", {"rows": d.general_rows, "eval": d.general_eval_rows, "seed": self.cfg.seed}, run)
 
-    def train(self, name: str, task_games: list[str], weights: dict[str, float], steps: int | None = None) -> None:
-        """Train adapter ``name`` on ``task_games``' data; general rows join when the weights route them."""
+    def train(self, spec: AdapterSpec) -> None:
+        """Train adapter ``spec.name`` on its task games' data; general rows join when the weights route them."""
         from ilora.routing.collator import Source
         from ilora.routing.train import train_adapter
         from ilora.routing.trainer import RoutingConfig
 
         t, d = self.cfg.train, self.cfg.data
-        routed = weights["eps_kl"] > 0 or weights["eps_norm"] > 0
+        task_games, weights, steps, routed = list(spec.task), spec.weights, spec.steps, spec.routed
         others = [g for g in self.cfg.games if g not in task_games] if routed else []
         deps = ["base"] + [f"data/{g}" for g in task_games + others] + (["data/general"] if routed else [])
         # The joint adapter's own step count is in "steps"; the factor behind it concerns no other stage.
         train_settings = {k: v for k, v in to_dict(t).items() if k != "joint_steps_factor"}
         settings = {"train": train_settings, "weights": weights, "task": task_games, "others": others, "steps": steps}
+        fold, init = [], None
+        if spec.refit:
+            for g in self.cfg.games:
+                self.ensure(f"routed/{g}")
+            fold = [self.models[f"routed/{g}"].adapter for g in others]
+            init = self.models[f"routed/{task_games[0]}"].adapter
+            settings["refit"] = {"steps_share": self.cfg.refit.steps_share, "fold": others, "init": task_games[0]}
+            deps += [f"train/routed/{g}" for g in self.cfg.games]
 
         def fit(folder: Path):
             import torch
@@ -155,6 +190,8 @@ class Experiment:
             n_steps = steps or t.max_steps
             if routed and t.match_task_rows:
                 n_steps = task_matched_steps(n_steps, n_task, sum(s.size for s in general))
+            if spec.refit:
+                n_steps = max(1, round(n_steps * self.cfg.refit.steps_share))
             args = RoutingConfig(
                 output_dir=str(folder / "trainer"),
                 max_steps=n_steps,
@@ -176,14 +213,16 @@ class Experiment:
                 dataloader_num_workers=0,
                 disable_tqdm=False,
             )
-            train_adapter(self.base_path, task, general, args, folder / "adapter", dtype=t.dtype)
+            train_adapter(
+                self.base_path, task, general, args, folder / "adapter", dtype=t.dtype, fold_adapters=fold, init_adapter=init
+            )
             shutil.rmtree(folder / "adapter.run", ignore_errors=True)
             log = json.loads((folder / "adapter" / "loss_log.json").read_text())
             final = next((h for h in reversed(log) if "train_loss" in h), log[-1] if log else {})
             return {"steps": n_steps, "task_rows": n_task, "final": final}
 
-        self.stage(f"train/{name}", settings, fit, deps)
-        self.models[name] = ModelSpec(adapter=self.runner.folder(f"train/{name}") / "adapter")
+        self.stage(f"train/{spec.name}", settings, fit, deps)
+        self.models[spec.name] = ModelSpec(adapter=self.runner.folder(f"train/{spec.name}") / "adapter")
 
     def merge(self, name: str, adapters: list[str], method: str, options: dict[str, Any]) -> None:
         """Merge trained adapters (or, for ``iter``, a merged state plus one adapter) into ``merge/...``."""
@@ -227,18 +266,21 @@ class Experiment:
 
     def stage_of(self, model: str) -> str:
         """The stage that produced a model: ``train/<name>`` for an adapter, the merge's own name otherwise."""
-        return f"train/{model}" if model in {job[0] for job in self.training_jobs()} else model
+        return f"train/{model}" if model in {spec.name for spec in self.training_jobs()} else model
 
-    def training_jobs(self) -> list[tuple]:
-        """``(name, task games, loss weights, steps)`` of every adapter."""
+    def training_jobs(self) -> list[AdapterSpec]:
+        """Every adapter the experiment trains."""
         t = self.cfg.train
         routed_weights = {"eps_kl": t.eps_kl, "eps_norm": t.eps_norm}
         factor = len(self.cfg.games) if t.joint_steps_factor is None else t.joint_steps_factor
-        jobs: list[tuple] = [("joint", list(self.cfg.games), PLAIN, int(t.max_steps * factor))]
-        for game in self.cfg.games:
-            jobs += [(f"plain/{game}", [game], PLAIN, None), (f"routed/{game}", [game], routed_weights, None)]
+        games = tuple(self.cfg.games)
+        jobs = [AdapterSpec("joint", games, PLAIN, int(t.max_steps * factor))]
+        for game in games:
+            jobs += [AdapterSpec(f"plain/{game}", (game,), PLAIN), AdapterSpec(f"routed/{game}", (game,), routed_weights)]
         for variant, weights in self.cfg.ablations.variants.items():
-            jobs += [(f"ablation/{variant}/{g}", [g], {**PLAIN, **weights}, None) for g in self.cfg.ablations.games]
+            jobs += [AdapterSpec(f"ablation/{variant}/{g}", (g,), {**PLAIN, **weights}) for g in self.cfg.ablations.games]
+        if self.cfg.refit.steps_share > 0:
+            jobs += [AdapterSpec(f"refit/{g}", (g,), routed_weights, refit=True) for g in games]
         return jobs
 
     def merge_jobs(self) -> list[tuple]:
@@ -248,6 +290,9 @@ class Experiment:
         jobs: list[tuple] = []
         for method in m.methods:
             jobs.append((f"merge/{method}", self.merge_inputs(method, self.cfg.games), method, self.merge_options(method)))
+        for method in self.cfg.refit.methods if self.cfg.refit.steps_share > 0 else ():
+            inputs = self.merge_inputs(method, self.cfg.games, kind="refit")
+            jobs.append((f"merge-refit/{method}", inputs, method, self.merge_options(method)))
         jobs += [(f"keep/{keep:g}", routed, "ilora", {"keep": keep}) for keep in m.keep_sweep if keep != m.keep]
         sequences = [("ilora", order) for order in [list(self.cfg.games)] + [list(o) for o in m.orders]] if m.iterative else []
         sequences += [(method, list(self.cfg.games)) for method in m.iterative_methods]
@@ -264,11 +309,15 @@ class Experiment:
             jobs.append((f"ablation-merge/{variant}", [f"{prefix}/{g}" for g in pair], "ilora", {"keep": m.keep}))
         return jobs
 
-    def merge_inputs(self, method: str, games: list[str]) -> list[str]:
-        """The routed adapters of ``games`` as a merge reads them: with their Grams for a data-aware method."""
+    def merge_inputs(self, method: str, games: list[str], kind: str = "routed") -> list[str]:
+        """The ``kind`` adapters of ``games`` as a merge reads them: the routed ones with their Grams
+        for a data-aware method."""
         from ilora.merge.registry import method_class
 
-        kind = "grams" if method_class(method).needs_grams else "routed"
+        if method_class(method).needs_grams:
+            if kind != "routed":
+                raise IloraError(f"refit.methods: {method} needs input Grams, which are measured for routed adapters only")
+            kind = "grams"
         return [f"{kind}/{g}" for g in games]
 
     def merge_options(self, method: str) -> dict[str, Any]:
@@ -279,9 +328,9 @@ class Experiment:
         """Register ``model`` (and the models it was merged from) from their finished, cached stages."""
         if model in self.models:
             return
-        for name, *rest in self.training_jobs():
-            if name == model:
-                return self.train(name, *rest)
+        for spec in self.training_jobs():
+            if spec.name == model:
+                return self.train(spec)
         if model.startswith("grams/"):
             return self.grams(model.removeprefix("grams/"))
         for name, inputs, method, options in self.merge_jobs():
@@ -297,7 +346,7 @@ class Experiment:
         games = list(self.cfg.games)
         pair = self.cfg.ablation_pair()
         plan: dict[str, list[str]] = {"base": games}
-        for name in [job[0] for job in self.training_jobs() + self.merge_jobs()]:
+        for name in [spec.name for spec in self.training_jobs()] + [job[0] for job in self.merge_jobs()]:
             if name.startswith(("ablation/", "ablation-merge/")):
                 plan[name] = pair
             elif name.startswith("iter"):
@@ -305,7 +354,7 @@ class Experiment:
                 if int(k) < len(games) and not self.cfg.merge.play_intermediate:
                     continue
                 plan[name] = tag.split("-")[: int(k)]  # the games merged so far
-            elif name.startswith(("plain/", "routed/")) and not self.cfg.eval.cross_games:
+            elif name.startswith(("plain/", "routed/", "refit/")) and not self.cfg.eval.cross_games:
                 plan[name] = [name.split("/")[1]]
             else:
                 plan[name] = games
@@ -415,10 +464,14 @@ class Experiment:
         jobs = [Job(f"data/{g}", "collect", (g,), tier=0, cost=collect) for g in games]
         general_rows = d.general_rows + d.general_eval_rows
         jobs.append(Job("data/general", "general_data", tier=0, cost=general_rows * GENERAL_ROW_SECONDS))
-        for name, task, weights, steps in self.training_jobs():
-            cost = (steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS
-            cost *= ROUTED_COST_FACTOR if weights != PLAIN else 1
-            jobs.append(Job(f"train/{name}", "train", (name, task, weights, steps), data, tier=1, cost=cost))
+        for spec in self.training_jobs():
+            cost = (spec.steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS
+            cost *= ROUTED_COST_FACTOR if spec.routed else 1
+            deps = data
+            if spec.refit:
+                cost *= self.cfg.refit.steps_share
+                deps += tuple(f"train/routed/{g}" for g in games)
+            jobs.append(Job(f"train/{spec.name}", "train", (spec,), deps, tier=1, cost=cost))
         for name, inputs, method, options in self.merge_jobs():
             deps = tuple(self.stage_of(m) for m in inputs)
             jobs.append(Job(name, "merge", (name, inputs, method, options), deps, local=True))
@@ -515,10 +568,11 @@ def run_replicates(experiments: list[Experiment]) -> None:
         torch.set_num_threads(first.cfg.threads)
     owners: dict[str, tuple[Experiment, Job]] = {}
     keyed_jobs = []
-    for group, experiment in enumerate(experiments):
+    planned = [experiment.jobs() for experiment in experiments]  # a config the stages cannot honour fails here
+    for group, (experiment, jobs) in enumerate(zip(experiments, planned)):
         experiment.run_base()
         tag = f"{experiment.cfg.run_dir}:"
-        for job in experiment.jobs():
+        for job in jobs:
             keyed = dataclasses.replace(job, key=tag + job.key, deps=tuple(tag + d for d in job.deps), group=group)
             keyed_jobs.append(keyed)
             owners[keyed.key] = (experiment, job)

@@ -116,6 +116,10 @@ def own_routed(game: str) -> str:
     return f"routed/{game}"
 
 
+def own_refit(game: str) -> str:
+    return f"refit/{game}"
+
+
 def estimate_cell(e: stats.Estimate) -> str:
     return f"{fmt(e.value)} [{fmt(e.low)}, {fmt(e.high)}]"
 
@@ -171,14 +175,19 @@ def _missing(picks: np.ndarray) -> stats.Estimate:
 
 
 def merged_models(cfg: ExperimentConfig) -> dict[str, str | Callable[[str], str]]:
-    """Label -> model of every merge of all the routed adapters (one-shot and iterative), then
-    the references they are compared with (the routed adapters: each game's own)."""
+    """Label -> model of every merge of all the routed adapters (one-shot and iterative) and of
+    the refit ones, then the references they are compared with (each game's own routed or refit
+    adapter)."""
     games = list(cfg.games)
     models = {m: f"merge/{m}" for m in cfg.merge.methods}
     for method in (["ilora"] if cfg.merge.iterative else []) + list(cfg.merge.iterative_methods):
         models[f"{method} (iterative)"] = iterative_name(method, games, len(games))
+    if cfg.refit.steps_share > 0:
+        models.update({f"{m} of refit adapters": f"merge-refit/{m}" for m in cfg.refit.methods})
     models["joint multi-task LoRA"] = "joint"
     models["routed single-game adapters"] = own_routed
+    if cfg.refit.steps_share > 0:
+        models["refit single-game adapters"] = own_refit
     return models
 
 

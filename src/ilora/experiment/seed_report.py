@@ -96,7 +96,7 @@ def write_seed_report(config: ExperimentConfig, experiments: Sequence[Any], out:
 def _best_line(estimates: dict[str, stats.Estimate]) -> str:
     """Who has the highest mean retention, called best only where it separates from the runner-up."""
     ranked = sorted(((e.value, label) for label, e in estimates.items() if math.isfinite(e.value)), reverse=True)
-    ranked = [(v, label) for v, label in ranked if label != "routed single-game adapters"]
+    ranked = [(v, label) for v, label in ranked if not label.endswith("single-game adapters")]
     if len(ranked) < 2:
         return "Too few finite mean retentions to rank the methods."
     (top, best), (second, runner_up) = ranked[0], ranked[1]
