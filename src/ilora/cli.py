@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "ilora.atari.cli",  # collect, play, experts
     "ilora.routing.cli",  # train, analyze activations
     "ilora.merge.cli",  # merge, grams, analyze merge / interference
+    "ilora.library.cli",  # library
 )
 
 
