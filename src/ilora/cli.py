@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "ilora.routing.cli",  # train, analyze activations
     "ilora.merge.cli",  # merge, grams, analyze merge / interference
     "ilora.library.cli",  # library
+    "ilora.experiment.tune_cli",  # tune-merge
 )
 
 
