@@ -1,4 +1,5 @@
-"""Expert rollouts -> a Hugging Face ``datasets`` dataset of two-frame prompts and answers.
+"""Rollouts of a policy (a scripted expert, or any :class:`~ilora.atari.experts.Policy`) -> a Hugging
+Face ``datasets`` dataset of two-frame prompts and answers, with its :class:`PromptSettings`.
 
 Each row is one agent step: ``images`` (the earlier and later native 210x160 RGB frames,
 ``frame_skip`` emulator frames apart), ``context`` (the game's constant text, placed before the
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ilora.atari.envs import TwoFrameEnv
-from ilora.atari.experts import Policy, Step, get_expert, run_episode
+from ilora.atari.experts import POLICY_NAMES, Policy, Step, load_policy, run_episode
 from ilora.atari.games import (
     DEFAULT_FRAME_SKIP,
     DEFAULT_REPEAT_ACTION_PROBABILITY,
@@ -35,13 +36,100 @@ from ilora.atari.games import (
 from ilora.atari.prompts import build_answer, build_context, build_step_prompt
 from ilora.atari.ram import READERS, has_object_text
 from ilora.atari.ram import object_text as ram_object_text
-from ilora.config import field, to_dict
+from ilora.config import field, from_dict, to_dict
 from ilora.errors import IloraError
 from ilora.fileio import atomic_dir, atomic_write_text
 
 # Version of the rows' text layout; bumped whenever prompts or their order change, so cached
 # datasets (e.g. the experiment's data stage) are rebuilt. 2: rules/actions in ``context``.
 ROW_LAYOUT = 2
+# Beside a collected dataset's files, and copied into every adapter trained on it.
+PROMPT_SETTINGS_FILE = "prompt_settings.json"
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How a game's rows were prompted, so what trained on them is played with the same prompt.
+
+    ``collect`` writes it beside the data, ``train`` copies it into the adapter, ``merge`` into
+    the merged model, and ``play`` takes its defaults from it.
+    """
+
+    games: tuple[str, ...] = field(help="the games of the rows (one for a collected dataset)")
+    object_text: bool = field(help="the RAM object-state text is in the prompt")
+    reasoning: bool = field(help="answers give reasoning before 'Action: NAME' (else direct)")
+    frame_skip: int = field(DEFAULT_FRAME_SKIP, help="emulator frames between the two images")
+    row_layout: int = field(ROW_LAYOUT, help="version of the rows' text layout (ilora.atari.collect.ROW_LAYOUT)")
+
+    PROMPT_KEYS = ("object_text", "reasoning", "frame_skip", "row_layout")  # what must agree to share a prompt
+
+    @classmethod
+    def of(cls, config: CollectConfig) -> PromptSettings:
+        """The settings of the rows ``config`` collects."""
+        return cls((config.game,), config.object_text, config.reasoning, config.frame_skip)
+
+    def differences(self, other: PromptSettings) -> list[str]:
+        """``key=mine vs theirs`` for every prompt key on which the two differ (games aside)."""
+        return [
+            f"{k}={getattr(self, k)} vs {getattr(other, k)}" for k in self.PROMPT_KEYS if getattr(self, k) != getattr(other, k)
+        ]
+
+    def write(self, folder: str | Path) -> Path:
+        """Write ``folder/prompt_settings.json`` (atomically); returns its path."""
+        path = Path(folder) / PROMPT_SETTINGS_FILE
+        atomic_write_text(path, json.dumps(to_dict(self), indent=1) + "\n")
+        return path
+
+
+def read_prompt_settings(folder: str | Path) -> PromptSettings | None:
+    """The prompt settings recorded in ``folder`` (a dataset, adapter or model folder), if any.
+
+    Raises:
+        IloraError: The file exists but is not a valid record; the message names it.
+    """
+    path = Path(folder) / PROMPT_SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IloraError(f"{path}: not a JSON prompt-settings record ({err})") from err
+    return from_dict(PromptSettings, data, str(path))
+
+
+def combine_prompt_settings(named: list[tuple[str, PromptSettings | None]]) -> PromptSettings | None:
+    """One record for what was built from several sources (an adapter's task datasets, a merge's
+    inputs): their games together; sources without a record are skipped.
+
+    Args:
+        named: ``(where, settings)`` per source, ``where`` naming it in errors.
+
+    Returns:
+        The combined settings, or ``None`` when no source has any.
+
+    Raises:
+        IloraError: Two sources were prompted differently (the line names both and the keys).
+    """
+    known = [(where, s) for where, s in named if s is not None]
+    if not known:
+        return None
+    first_where, first = known[0]
+    games = list(first.games)
+    for where, settings in known[1:]:
+        differ = first.differences(settings)
+        if differ:
+            raise IloraError(f"{first_where} and {where} were prompted differently ({', '.join(differ)})")
+        games += [g for g in settings.games if g not in games]
+    return dataclasses.replace(first, games=tuple(games))
+
+
+def collected_dataset(path: str | Path) -> Path:
+    """The ``datasets`` folder of a collection: ``path`` itself, or ``path/dataset`` when ``path``
+    is the folder ``ilora collect --out`` wrote."""
+    path = Path(path)
+    if (path / "collect_config.json").is_file() and (path / "dataset").is_dir():
+        return path / "dataset"
+    return path
 
 
 @dataclass
@@ -51,8 +139,13 @@ class CollectConfig:
     game: str = field("Pong", help="Catalogued game name (see ilora.atari.games.GAMES).")
     episodes: int = field(10, help="Number of episodes to play.")
     seed: int = field(0, help="Episode i is played from reset(seed=seed + i).")
+    policy: str = field(
+        "expert", help=f"Who plays: {' or '.join(POLICY_NAMES)} or module:Name (ilora.atari.experts.load_policy)."
+    )
+    # The default experiment's prompt (configs/default.yaml: object text on, direct answers):
+    # the shipped base learns a game from it in minutes, and its play ranks direct answers.
     object_text: bool = field(True, help="Put the RAM object-state text in the prompt.")
-    reasoning: bool = field(True, help="Answers give reasoning before 'Action: NAME' (else direct).")
+    reasoning: bool = field(False, help="Answers give reasoning before 'Action: NAME' (else direct).")
     max_steps: int | None = field(None, help="Cap on agent steps per episode (None: the env's frame cap).")
     drop_first: int = field(8, help="Opening agent steps removed from every episode.")
     drop_before_failure: int = field(
@@ -179,6 +272,11 @@ def episode_rows(records: list[_StepRecord], index: int, config: CollectConfig) 
     prompt_plain = build_step_prompt(reasoning=config.reasoning)
     columns: dict[str, list] = {name: [] for name in dataset_features()}
     score = 0.0
+    if config.reasoning and any(keep[t] and not r.reasoning.strip() for t, r in enumerate(records)):
+        raise IloraError(
+            "collect: reasoning answers asked for, but the policy gave no reasoning text with its actions; "
+            "collect direct answers (--no-reasoning)"
+        )
     for t, record in enumerate(records):
         if keep[t]:
             prompt = (
@@ -207,7 +305,8 @@ def episode_rows(records: list[_StepRecord], index: int, config: CollectConfig) 
 
 
 def collect_episode(config: CollectConfig, index: int, policy: Policy | None = None, env: TwoFrameEnv | None = None):
-    """Play episode ``index`` with ``policy`` (default: the game's scripted expert).
+    """Play episode ``index`` with ``policy`` (default: ``config.policy``, the random one seeded
+    with the episode's seed so that each episode is reproducible on its own).
 
     Returns:
         ``(dataset, summary)``: the episode's rows as a ``datasets.Dataset`` and a summary dict
@@ -221,7 +320,7 @@ def collect_episode(config: CollectConfig, index: int, policy: Policy | None = N
     )
     recorder = _Recorder()
     try:
-        policy = policy if policy is not None else get_expert(config.game)
+        policy = policy if policy is not None else load_policy(config.policy, config.game, seed=config.seed + index)
         episode = run_episode(policy, env, config.seed + index, max_steps=config.max_steps, on_step=recorder)
     finally:
         if own_env:
@@ -257,9 +356,9 @@ def collect_dataset(
         game: Catalogued game name.
         episodes: Number of episodes.
         seed: Episode ``i`` is played from ``reset(seed=seed + i)``.
-        policy: Any :class:`~ilora.atari.experts.Policy`; default the scripted expert.
+        policy: Any :class:`~ilora.atari.experts.Policy`; default ``options["policy"]``, the scripted expert.
         progress: Show a tqdm bar.
-        **options: Further :class:`CollectConfig` fields (``object_text``, ``reasoning``, ``max_steps``...).
+        **options: Further :class:`CollectConfig` fields (``policy``, ``object_text``, ``reasoning``, ``max_steps``...).
 
     Returns:
         The rows of all episodes, in episode order.
@@ -268,8 +367,7 @@ def collect_dataset(
     from tqdm.auto import tqdm
 
     config = CollectConfig(game=game, episodes=episodes, seed=seed, **options)
-    if policy is None:
-        get_expert(config.game)  # no expert: refused before any episode is played
+    policy = policy if policy is not None else shared_policy(config)  # refused before any episode is played
     env = TwoFrameEnv(config.game, frame_skip=config.frame_skip, repeat_action_probability=config.repeat_action_probability)
     parts = []
     try:
@@ -278,6 +376,17 @@ def collect_dataset(
     finally:
         env.close()
     return concatenate_datasets(parts)
+
+
+def shared_policy(config: CollectConfig) -> Policy | None:
+    """``config.policy`` loaded once for every episode; ``None`` for the random policy, which
+    :func:`collect_episode` seeds per episode (it is still loaded here, so a bad name fails first).
+
+    Raises:
+        IloraError: The policy cannot be loaded (e.g. the game has no scripted expert).
+    """
+    policy = load_policy(config.policy, config.game, seed=config.seed)
+    return None if config.policy == "random" else policy
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -292,7 +401,10 @@ def collect_to_disk(
     Layout: ``out/collect_config.json`` (the settings; a resume must match them),
     ``out/episodes/episode_NNNNN/`` (one saved dataset + ``summary.json`` per episode, each
     written to a temporary directory and renamed), ``out/dataset/`` (all episodes, loadable with
-    ``datasets.load_from_disk``) and ``out/summary.json`` (scores, removed steps, action histograms).
+    ``datasets.load_from_disk``, with the :class:`PromptSettings` of its rows in
+    ``prompt_settings.json``) and ``out/summary.json`` (scores, removed steps, action histograms).
+
+    ``policy`` plays instead of ``config.policy`` (which then only names it in the settings).
 
     ``overwrite`` allows a rerun with fewer episodes than ``out`` holds: the dataset then has
     only the first ``config.episodes``; the other episode folders stay on disk for a later rerun.
@@ -310,12 +422,12 @@ def collect_to_disk(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IloraError(f"{out}: exists and is not a directory")
-    if policy is None:
-        get_expert(config.game)  # no expert: refused before anything is written
+    policy = policy if policy is not None else shared_policy(config)  # refused before anything is written
     settings = to_dict(config)
     config_path = out / "collect_config.json"
     if config_path.exists():
         previous = json.loads(config_path.read_text())
+        previous.setdefault("policy", "expert")  # collections older than the option were all the expert's
         differ = sorted(k for k in settings if k != "episodes" and previous.get(k) != settings[k])
         if differ:
             raise IloraError(
@@ -355,6 +467,7 @@ def collect_to_disk(
 
     with atomic_dir(out / "dataset") as tmp:
         concatenate_datasets(parts).save_to_disk(str(tmp))
+        PromptSettings.of(config).write(tmp)
     summary = summarize(summaries, config)
     _write_json(out / "summary.json", summary)
     return summary

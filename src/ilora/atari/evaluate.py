@@ -398,3 +398,115 @@ def format_summary(summary: Summary, settings: dict | None = None) -> str:
         shown = ("policy", "model", "adapter", "mode", "reasoning", "object_text", "fire_on_reset", "blank_frames", "max_frames", "seed")
         lines.append("settings             " + ", ".join(f"{k}={settings[k]}" for k in shown if k in settings))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PlayPrompt:
+    """The game and prompt a VLM agent plays with, and what to warn the user about.
+
+    Attributes:
+        game: The game's name.
+        object_text: The object-state text is in the prompt.
+        reasoning: The agent asks for reasoning answers (generate mode only).
+        mode: ``"score"`` or ``"generate"`` (see :class:`~ilora.atari.agent.VLMAgent`).
+        warnings: One line per setting the user chose against the recorded one.
+    """
+
+    game: str
+    object_text: bool
+    reasoning: bool
+    mode: str
+    warnings: tuple[str, ...] = ()
+
+
+def recorded_prompt(model: str | os.PathLike, adapter: str | os.PathLike | None):
+    """The prompt settings an adapter (or a merged model folder) was trained with, and where they are.
+
+    Args:
+        model: The model folder, ``builtin`` or a hub id (a folder of ``ilora merge --save-model``
+            records its inputs' settings).
+        adapter: A PEFT adapter folder (``ilora train`` records its task data's settings), or ``None``.
+
+    Returns:
+        ``(settings, where)``: the :class:`~ilora.atari.collect.PromptSettings` (``None`` when
+        neither folder records any) and the folder(s) they come from.
+
+    Raises:
+        IloraError: The model and the adapter record different prompts, or a record is malformed.
+    """
+    from ilora.atari.collect import combine_prompt_settings, read_prompt_settings
+
+    folders = [str(f) for f in (model, adapter) if f is not None and Path(f).is_dir()]
+    named = [(folder, read_prompt_settings(folder)) for folder in folders]
+    settings = combine_prompt_settings(named)
+    return settings, " and ".join(where for where, s in named if s is not None)
+
+
+def play_prompt(
+    recorded,
+    where: str = "",
+    *,
+    game: str | None = None,
+    object_text: bool | None = None,
+    reasoning: bool | None = None,
+    mode: str | None = None,
+) -> PlayPrompt:
+    """The prompt to play with: what the user asked for, the recorded settings for the rest.
+
+    Without a record, the defaults are the plain ones: no object text, score mode with direct
+    answers (generate mode asks for reasoning). A recorded prompt the agent cannot reproduce
+    (another row layout or frame skip) is refused; a setting the user gave against the record
+    is played as asked, with a warning.
+
+    Args:
+        recorded: The :class:`~ilora.atari.collect.PromptSettings` the model was trained with, or ``None``.
+        where: The folder(s) the record comes from, for messages.
+        game: ``--game``; default the recorded game when there is exactly one.
+        object_text: ``--object-text`` / ``--no-object-text``, or ``None``.
+        reasoning: ``--reasoning`` / ``--no-reasoning``, or ``None``.
+        mode: ``--mode``, or ``None``: generate when reasoning answers are played, else score.
+
+    Returns:
+        The :class:`PlayPrompt`.
+
+    Raises:
+        IloraError: No game given or recorded, or a record the agent cannot play.
+    """
+    from ilora.atari.collect import PROMPT_SETTINGS_FILE, ROW_LAYOUT
+
+    notes = []
+    if recorded is not None:
+        record = f"{where}/{PROMPT_SETTINGS_FILE}" if where else PROMPT_SETTINGS_FILE
+        if recorded.row_layout != ROW_LAYOUT:
+            raise IloraError(
+                f"{record}: trained on rows of layout {recorded.row_layout}, and play builds layout {ROW_LAYOUT}; "
+                "retrain on newly collected data"
+            )
+        if recorded.frame_skip != DEFAULT_FRAME_SKIP:
+            raise IloraError(
+                f"{record}: trained on frames {recorded.frame_skip} apart, and the agent's prompt and play use "
+                f"{DEFAULT_FRAME_SKIP}"
+            )
+    if game is None:
+        if recorded is None or len(recorded.games) != 1:
+            trained = f" ({where} was trained on {', '.join(recorded.games)})" if recorded is not None else ""
+            raise IloraError(f"--game: name the game to play{trained}")
+        game = recorded.games[0]
+    game = get_game(game).name
+    if recorded is not None and game not in recorded.games:
+        notes.append(f"{where} was trained on {', '.join(recorded.games)}; playing {game} as asked")
+
+    def choose(name: str, given: bool | None, default: bool) -> bool:
+        if given is None:
+            return getattr(recorded, name) if recorded is not None else default
+        if recorded is not None and given != getattr(recorded, name):
+            notes.append(f"{where} was trained with {name}={getattr(recorded, name)}; playing {name}={given} as asked")
+        return given
+
+    object_text = choose("object_text", object_text, False)
+    if mode == "score" and reasoning is None and recorded is not None and recorded.reasoning:
+        notes.append(f"{where} was trained on reasoning answers; --mode score ranks direct answers as asked")
+        reasoning = False
+    else:
+        reasoning = choose("reasoning", reasoning, mode == "generate")
+    return PlayPrompt(game, object_text, reasoning, mode or ("generate" if reasoning else "score"), tuple(notes))

@@ -211,8 +211,79 @@ def get_expert(game: str | Game) -> ScriptedExpert:
     """
     name = get_game(game).name
     if name not in EXPERTS:
-        raise IloraError(f"no scripted expert for {name}; built-in experts: {', '.join(sorted(EXPERTS))}")
+        raise IloraError(
+            f"no scripted expert for {name}; built-in experts: {', '.join(sorted(EXPERTS))} "
+            "(any other game needs a policy: --policy random or --policy module:Name)"
+        )
     return EXPERTS[name]()
+
+
+# The policy names ``load_policy`` knows besides ``module:Name``.
+POLICY_NAMES = ("expert", "random")
+
+
+def load_policy(spec: str, game: str | Game, seed: int = 0) -> Policy:
+    """The policy a command line names.
+
+    Args:
+        spec: ``"expert"`` (the game's scripted expert), ``"random"`` (uniform over the game's
+            actions, seeded), or ``"module:Name"`` / ``"path/to/file.py:Name"``: a class, built
+            with the :class:`~ilora.atari.games.Game` if its constructor takes an argument and
+            with none otherwise, or a function or object that is itself the policy
+            (``policy(observation) -> action name, index or Decision``). A module is imported
+            with the current folder first on the path, as ``python -m`` does.
+        game: The game the policy plays.
+        seed: Seed of the random policy.
+
+    Returns:
+        A :class:`Policy`.
+
+    Raises:
+        IloraError: The game has no scripted expert, the module or name cannot be loaded, or
+            what it names is not callable.
+    """
+    import importlib
+    import importlib.util
+    import inspect
+    import sys
+    from pathlib import Path
+
+    game = get_game(game)
+    if spec == "expert":
+        return get_expert(game)
+    if spec == "random":
+        return RandomPolicy(game.action_names, seed=seed)
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise IloraError(f"--policy {spec!r}: expected {', '.join(POLICY_NAMES)} or module:Name (or file.py:Name)")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise IloraError(f"--policy {spec}: no file {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            sys.path.insert(0, str(Path.cwd()))
+            try:
+                module = importlib.import_module(where)
+            finally:
+                sys.path.remove(str(Path.cwd()))
+    except ImportError as err:
+        raise IloraError(f"--policy {spec}: cannot import {where} ({err})") from err
+    target = getattr(module, name, None)
+    if target is None:
+        raise IloraError(f"--policy {spec}: {where} has no attribute {name!r}")
+    if inspect.isclass(target):
+        takes_game = any(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+            for p in inspect.signature(target).parameters.values()
+        )
+        target = target(game) if takes_game else target()
+    if not isinstance(target, Policy):
+        raise IloraError(f"--policy {spec}: {type(target).__name__} is not callable as policy(observation)")
+    return target
 
 
 @dataclass(frozen=True)
