@@ -133,8 +133,9 @@ def test_a_forced_stage_is_redone_by_the_workers_with_exactly_what_reads_it(quic
     forced.run()
     merges = ["merge/ilora", "merge/magmax", "merge/ties", "merge/peft:linear", "keep/0.5",
               "iter/Pong-Breakout/2", "iter/Breakout-Pong/2", "ablation-merge/routed"]
-    merges += ["merge-refit/sum"]
+    merges += ["merge-refit/sum", "merge-continual/sum"]
     refits = [f"train/refit/{g}" for g in config.games] + [f"eval/refit/{g}" for g in config.games]
+    refits += [f"train/continual/{g}" for g in config.games[1:]]
     expected = {"train/routed/Pong", "eval/routed/Pong", "analysis/routed/Pong", "grams/Pong", "analysis/interference",
                 "report", *merges, *[f"eval/{m}" for m in merges], *refits}
     assert forced.runner.redone == expected
@@ -158,3 +159,21 @@ def test_refit_adapters_continue_from_their_routed_adapter_with_the_others_folde
                  for kind in ("routed", "refit")}
         assert steps["refit"] == max(1, round(steps["routed"] * config.refit.steps_share))
     assert "sum of refit adapters" in report.read_text()
+
+
+def test_continual_adapters_are_trained_on_the_earlier_games_adapters(quick_run):
+    """Each game after the first trains a fresh routed adapter on the base with the earlier games'
+    continual adapters folded in (the first game's is its routed adapter), for the routed steps."""
+    from ilora.fileio import file_sha256
+
+    config, run_dir, report = quick_run
+    earlier = [run_dir / "train" / "routed" / config.games[0] / "adapter"]
+    for game in config.games[1:]:
+        folder = run_dir / "train" / "continual" / game
+        record = json.loads((folder / "adapter" / "trained_on.json").read_text())
+        assert record["init"] is None
+        assert [f["sha256"] for f in record["folded"]] == [file_sha256(a / "adapter_model.safetensors") for a in earlier]
+        routed = json.loads((run_dir / "train" / "routed" / game / "stage.json").read_text())["result"]["steps"]
+        assert json.loads((folder / "stage.json").read_text())["result"]["steps"] == routed
+        earlier.append(folder / "adapter")
+    assert "sum of continual adapters" in report.read_text()

@@ -116,6 +116,20 @@ class RefitSettings:
 
 
 @dataclasses.dataclass
+class ContinualSettings:
+    """Continual routing (off by default): in the order of games, each game's routed adapter is
+    trained on the base with the earlier games' continual adapters folded into its weights. Its
+    KL reference is that model, so it learns its game in the model it joins and keeps what that
+    model does on the general rows and the other games' rows; the summed merge is then the model
+    the last adapter was trained in. The first game's continual adapter is its routed adapter."""
+
+    enabled: bool = field(False, help="train continual adapters (one routed training per game after the first)")
+    methods: list[str] = field(
+        default_factory=lambda: ["sum"], help="registry methods merging the continual adapters of all games"
+    )
+
+
+@dataclasses.dataclass
 class EvalSettings:
     """Playing and scoring."""
 
@@ -162,6 +176,7 @@ class ExperimentConfig:
     ablations: AblationSettings = field(default_factory=AblationSettings, help="loss ablations / ε sweep")
     merge: MergeSettings = field(default_factory=MergeSettings, help="merges")
     refit: RefitSettings = field(default_factory=RefitSettings, help="leak-aware refit of the routed adapters")
+    continual: ContinualSettings = field(default_factory=ContinualSettings, help="continual routing, one game at a time")
     eval: EvalSettings = field(default_factory=EvalSettings, help="play and scoring")
 
     def ablation_pair(self) -> list[str]:

@@ -10,8 +10,10 @@ Model names used throughout (and in the report):
 once), ``iter/<order>/<k>`` (I-LoRA merging one game at a time, after k games),
 ``keep/<ratio>`` (I-LoRA with another keep ratio), ``ablation/<variant>/<game>`` and
 ``ablation-merge/<variant>`` (loss ablations on a pair of games), ``refit/<game>`` (a routed
-adapter trained on with the other games' routed adapters folded into the base) and
-``merge-refit/<method>`` (the refit adapters merged all at once).
+adapter trained on with the other games' routed adapters folded into the base),
+``continual/<game>`` (trained, in the order of games, with the earlier games' continual
+adapters folded into the base), ``merge-refit/<method>`` and ``merge-continual/<method>``
+(those adapters merged all at once).
 """
 
 from __future__ import annotations
@@ -60,15 +62,18 @@ class AdapterSpec:
         task: the games whose rows get the LM loss.
         weights: ``eps_kl`` and ``eps_norm`` (both 0: plain LoRA, no general rows).
         steps: optimiser steps; ``None``: ``train.max_steps``, matched to task rows when routed.
-        refit: continue from ``routed/<game>`` on the base with the other games' routed adapters
-            folded in, for ``refit.steps_share`` of the routed adapter's steps.
+        fold: adapters (model names) added to the base weights before training, frozen.
+        init: the adapter (model name) training continues from; ``None``: a fresh LoRA.
+        steps_share: the share of those steps this adapter takes.
     """
 
     name: str
     task: tuple[str, ...]
     weights: dict[str, float]
     steps: int | None = None
-    refit: bool = False
+    fold: tuple[str, ...] = ()
+    init: str | None = None
+    steps_share: float = 1.0
 
     @property
     def routed(self) -> bool:
@@ -166,14 +171,14 @@ class Experiment:
         # The joint adapter's own step count is in "steps"; the factor behind it concerns no other stage.
         train_settings = {k: v for k, v in to_dict(t).items() if k != "joint_steps_factor"}
         settings = {"train": train_settings, "weights": weights, "task": task_games, "others": others, "steps": steps}
-        fold, init = [], None
-        if spec.refit:
-            for g in self.cfg.games:
-                self.ensure(f"routed/{g}")
-            fold = [self.models[f"routed/{g}"].adapter for g in others]
-            init = self.models[f"routed/{task_games[0]}"].adapter
-            settings["refit"] = {"steps_share": self.cfg.refit.steps_share, "fold": others, "init": task_games[0]}
-            deps += [f"train/routed/{g}" for g in self.cfg.games]
+        starts_from = [*spec.fold, *([spec.init] if spec.init else [])]
+        for model in starts_from:
+            self.ensure(model)
+        fold = [self.models[m].adapter for m in spec.fold]
+        init = self.models[spec.init].adapter if spec.init else None
+        if starts_from:
+            settings["starts_from"] = {"fold": list(spec.fold), "init": spec.init, "steps_share": spec.steps_share}
+            deps += [self.stage_of(m) for m in starts_from]
 
         def fit(folder: Path):
             import torch
@@ -190,8 +195,7 @@ class Experiment:
             n_steps = steps or t.max_steps
             if routed and t.match_task_rows:
                 n_steps = task_matched_steps(n_steps, n_task, sum(s.size for s in general))
-            if spec.refit:
-                n_steps = max(1, round(n_steps * self.cfg.refit.steps_share))
+            n_steps = max(1, round(n_steps * spec.steps_share))
             args = RoutingConfig(
                 output_dir=str(folder / "trainer"),
                 max_steps=n_steps,
@@ -280,8 +284,22 @@ class Experiment:
         for variant, weights in self.cfg.ablations.variants.items():
             jobs += [AdapterSpec(f"ablation/{variant}/{g}", (g,), {**PLAIN, **weights}) for g in self.cfg.ablations.games]
         if self.cfg.refit.steps_share > 0:
-            jobs += [AdapterSpec(f"refit/{g}", (g,), routed_weights, refit=True) for g in games]
+            jobs += [
+                AdapterSpec(f"refit/{g}", (g,), routed_weights, fold=tuple(f"routed/{o}" for o in games if o != g),
+                            init=f"routed/{g}", steps_share=self.cfg.refit.steps_share)
+                for g in games
+            ]
+        if self.cfg.continual.enabled:
+            continual = self.continual_adapters()
+            jobs += [AdapterSpec(continual[k], (g,), routed_weights, fold=tuple(continual[:k]))
+                     for k, g in enumerate(games) if k > 0]
         return jobs
+
+    def continual_adapters(self) -> list[str]:
+        """The continual adapter of each game in order: the first game's is its routed adapter (a
+        continual adapter with nothing to fold in is trained exactly like it)."""
+        games = list(self.cfg.games)
+        return [f"routed/{games[0]}", *[f"continual/{g}" for g in games[1:]]]
 
     def merge_jobs(self) -> list[tuple]:
         """``(name, input models, method, options)`` of every merge, each after the merges it reads."""
@@ -293,6 +311,9 @@ class Experiment:
         for method in self.cfg.refit.methods if self.cfg.refit.steps_share > 0 else ():
             inputs = self.merge_inputs(method, self.cfg.games, kind="refit")
             jobs.append((f"merge-refit/{method}", inputs, method, self.merge_options(method)))
+        for method in self.cfg.continual.methods if self.cfg.continual.enabled else ():
+            inputs = self.merge_inputs(method, self.cfg.games, kind="continual")
+            jobs.append((f"merge-continual/{method}", inputs, method, self.merge_options(method)))
         jobs += [(f"keep/{keep:g}", routed, "ilora", {"keep": keep}) for keep in m.keep_sweep if keep != m.keep]
         sequences = [("ilora", order) for order in [list(self.cfg.games)] + [list(o) for o in m.orders]] if m.iterative else []
         sequences += [(method, list(self.cfg.games)) for method in m.iterative_methods]
@@ -316,8 +337,10 @@ class Experiment:
 
         if method_class(method).needs_grams:
             if kind != "routed":
-                raise IloraError(f"refit.methods: {method} needs input Grams, which are measured for routed adapters only")
+                raise IloraError(f"{kind}.methods: {method} needs input Grams, which are measured for routed adapters only")
             kind = "grams"
+        if kind == "continual":
+            return self.continual_adapters()
         return [f"{kind}/{g}" for g in games]
 
     def merge_options(self, method: str) -> dict[str, Any]:
@@ -347,6 +370,8 @@ class Experiment:
         pair = self.cfg.ablation_pair()
         plan: dict[str, list[str]] = {"base": games}
         for name in [spec.name for spec in self.training_jobs()] + [job[0] for job in self.merge_jobs()]:
+            if name.startswith("continual/"):
+                continue  # each acts with the earlier ones: played in their merges only
             if name.startswith(("ablation/", "ablation-merge/")):
                 plan[name] = pair
             elif name.startswith("iter"):
@@ -467,10 +492,8 @@ class Experiment:
         for spec in self.training_jobs():
             cost = (spec.steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS
             cost *= ROUTED_COST_FACTOR if spec.routed else 1
-            deps = data
-            if spec.refit:
-                cost *= self.cfg.refit.steps_share
-                deps += tuple(f"train/routed/{g}" for g in games)
+            cost *= spec.steps_share
+            deps = data + tuple(self.stage_of(m) for m in [*spec.fold, *([spec.init] if spec.init else [])])
             jobs.append(Job(f"train/{spec.name}", "train", (spec,), deps, tier=1, cost=cost))
         for name, inputs, method, options in self.merge_jobs():
             deps = tuple(self.stage_of(m) for m in inputs)

@@ -184,6 +184,8 @@ def merged_models(cfg: ExperimentConfig) -> dict[str, str | Callable[[str], str]
         models[f"{method} (iterative)"] = iterative_name(method, games, len(games))
     if cfg.refit.steps_share > 0:
         models.update({f"{m} of refit adapters": f"merge-refit/{m}" for m in cfg.refit.methods})
+    if cfg.continual.enabled:
+        models.update({f"{m} of continual adapters": f"merge-continual/{m}" for m in cfg.continual.methods})
     models["joint multi-task LoRA"] = "joint"
     models["routed single-game adapters"] = own_routed
     if cfg.refit.steps_share > 0:

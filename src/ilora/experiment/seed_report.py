@@ -76,6 +76,13 @@ def write_seed_report(config: ExperimentConfig, experiments: Sequence[Any], out:
            f"General accuracy of the base: {fmt(base_general, 3)}. "
            f"Means over games are over {', '.join(counted) or 'no game'}.", ""]
     md += [_best_line(estimates), ""]
+    # Retention leaves out the games that miss the bar; what a merge does to them still shows here.
+    normalised_rows = [[label, *[estimate_cell(sr.normalised(model, g)) for g in games]]
+                       for label, model in {"base": "base", **models}.items()]
+    md += ["## Expert-normalised score per game", "",
+           "`(model - random) / (expert - random)` on every game, those that miss the bar included (0: random play, "
+           "1: the expert; below 0: worse than random).", "",
+           table(["model", *games], normalised_rows), ""]
     minutes = [stage_minutes(x) for x in experiments]
     kinds = sorted({k for m in minutes for k in m}, key=lambda k: -sum(m.get(k, 0.0) for m in minutes))
     md += ["## Compute", "",

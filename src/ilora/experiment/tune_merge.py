@@ -595,7 +595,7 @@ def rows_digest(rows, n: int) -> str:
 def check_same_search(recorded: dict, current: dict, path: Path, where: str = "") -> None:
     """Refuse to resume a search whose space, reward or inputs changed, naming the first change."""
     if isinstance(recorded, dict) and isinstance(current, dict):
-        for key in sorted(set(recorded) | set(current)):
+        for key in [*current, *(k for k in recorded if k not in current)]:  # the space first
             check_same_search(recorded.get(key), current.get(key), path, f"{where}.{key}" if where else key)
     elif recorded != current:
         raise IloraError(
