@@ -119,7 +119,8 @@ def test_ilora_add_folds_and_remove_equals_a_fresh_build(tmp_path, lm):
     assert set(rebuilt) == set(built)
     assert all(torch.equal(rebuilt[k], built[k]) for k in built)
     # ... and both are the iterative merge written out by hand.
-    by_hand = merge_adapters([merge_adapters(adapters[0:3:2], "ilora", progress=False), adapters[3]], "ilora", progress=False)
+    first_two = merge_adapters([adapters[0], adapters[2]], "ilora", progress=False)
+    by_hand = merge_adapters([first_two, adapters[3]], "ilora", progress=False)
     assert all(torch.equal(built[k], by_hand.deltas[k]) for k in built)
     assert not (library.root / "skills" / "s1").exists()
 
@@ -175,6 +176,29 @@ def test_a_failed_add_leaves_the_library_byte_identical(tmp_path, lm, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         SkillLibrary(library.root).add("s2", adapters[2])
     assert snapshot(library.root) == before
+
+
+def test_an_add_interrupted_right_after_its_commit_is_kept(tmp_path, lm, monkeypatch):
+    from ilora.library import store
+
+    base, adapters = lm
+    library = new_library(tmp_path, base, adapters[:2])
+    real_write = store.atomic_write_text
+
+    def write_then_interrupt(path, text):
+        real_write(path, text)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "atomic_write_text", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        SkillLibrary(library.root).add("s2", adapters[2])
+    monkeypatch.undo()
+    reread = SkillLibrary(library.root)  # checks that every folder library.json names exists
+    assert [s.name for s in reread.skills()] == ["s0", "s1", "s2"]
+    assert reread.operations()[-1]["skill"] == "s2"
+    reread.remove("s2")  # the next change writes the lost log line and deletes the old merged state
+    assert [json.loads(line)["seq"] for line in (library.root / OPLOG_FILE).read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [p.name for p in (library.root / "merged").iterdir()] == ["op-000005"]
 
 
 def test_a_killed_change_leaves_readable_state_and_the_next_change_cleans_up(tmp_path, lm):
@@ -236,7 +260,8 @@ def test_the_operation_log_records_inputs_by_hash(tmp_path, lm):
     assert entries[2]["merged_record_sha256"] == file_sha256(library.merged_state() / "merge_record.json")
     skill = library.skill("s0")
     assert skill.adapter_sha256 == inputs["adapter"]["sha256"]
-    assert skill.heldout.is_dir() and skill.data["heldout_rows"] == 5 and skill.data["heldout_sha256"] == folder_sha256(heldout)
+    assert skill.heldout.is_dir() and skill.data["heldout_rows"] == 5
+    assert skill.data["heldout_sha256"] == folder_sha256(heldout)
     assert skill.scores == {"mean": 3.5, "episodes": 2} and skill.grams is None
     assert library.skill("s1").heldout is None
     removed = library.remove("s0")["inputs"]["adapter"]
@@ -302,7 +327,7 @@ def zoo(lm, tmp_path_factory):
         (["show", "{lib}", "--ops", "-1"], "--ops -1"),
         (["compose", "{lib}", "--task-data", "{empty}", "--out", "{missing}"], "--task-data"),
         (["compose", "{lib}", "--task-data", "{empty}", "--out", "{missing}", "--steps", "0"], "--steps 0"),
-        (["compose", "{lib}", "--task-data", "{empty}", "--out", "{missing}", "--skills", "s0,zz"], "no skill named 'zz'"),
+        (["compose", "{lib}", "--task-data", "{empty}", "--out", "{missing}", "--skills", "s0,zz"], "named 'zz'"),
         (["compose", "{lib}", "--task-data", "{empty}", "--out", "{empty}"], "--out"),
     ],
 )
@@ -377,8 +402,19 @@ def test_skill_records_keep_grams_and_heldout_rows(vlm):
     assert a.adapter.is_absolute() and (a.adapter / "adapter_model.safetensors").is_file()
 
 
+def test_a_data_aware_library_keeps_grams_and_refuses_skills_without(vlm, tmp_path, capsys):
+    library = init_library(tmp_path / "lib", str(vlm["base"]), merge_settings("regmean"))
+    library.add("a", vlm["adapters"][0], grams=True)
+    merged = dense(library.merged_state())
+    alone = merge_adapters([vlm["adapters"][0]], "regmean", progress=False)
+    assert all(torch.equal(merged[k], alone.deltas[k]) for k in alone.deltas)
+    code, _, err = run_cli(capsys, "add", library.root, "b", vlm["adapters"][1])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "needs the adapter's Grams" in err
+
+
 def composed_delta64(record: dict, library: SkillLibrary, module: str, new_adapter: Path | None):
-    reference = sum(s["weight"] * adapter_delta64(library.skill(s["name"]).adapter, module)[0] for s in record["skills"])
+    skills = [(s["weight"], library.skill(s["name"]).adapter) for s in record["skills"]]
+    reference = sum(weight * adapter_delta64(adapter, module)[0] for weight, adapter in skills)
     return reference + (adapter_delta64(new_adapter, module)[0] if new_adapter is not None else 0)
 
 

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     init = sub.add_parser("init", help="make an empty library", description="Make an empty library folder DIR.")
     init.add_argument("dir", metavar="DIR", help="the new library folder")
-    init.add_argument("--base", required=True, help="base model of the skills: 'builtin', a model folder or a cached hub id")
+    init.add_argument("--base", required=True, help="the skills' base model: 'builtin', a folder or a cached hub id")
     add_merge_options(init)
     init.set_defaults(func=run_init)
 
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("name", metavar="NAME", help="the skill's name (letters, digits, '_', '-', '.')")
     add.add_argument("adapter", metavar="ADAPTER", help="its PEFT LoRA adapter folder")
     add.add_argument("--data", metavar="HELDOUT", help="its held-out rows (datasets.save_to_disk folder), copied")
-    add.add_argument("--grams", action="store_true", help="keep ADAPTER/grams.safetensors (`ilora grams`; data-aware merges)")
+    add.add_argument("--grams", action="store_true", help="keep ADAPTER/grams.safetensors (for data-aware merges)")
     add.add_argument("--scores", metavar="JSON", help="its single-task scores (e.g. `ilora play --json` output)")
     add.set_defaults(func=run_add)
 
@@ -250,11 +250,12 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_compose(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from ilora.config import from_dict
     from ilora.library.compose import ComposeConfig, compose_skills
 
-    keys = ("skills", "rows", "steps", "batch_size", "lr", "init_weight", "new_rank", "new_alpha", "new_lr", "seed", "device")
-    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(ComposeConfig) if getattr(args, f.name) is not None}
     config = from_dict(ComposeConfig, given, "compose")
     record = compose_skills(args.dir, args.task_data, args.out, config, overwrite=args.overwrite)
     weights = ", ".join(f"{s['name']} {s['weight']:.3f}" for s in record["skills"])

@@ -44,7 +44,7 @@ class ComposeConfig:
     steps: int = field(100, help="optimiser steps")
     batch_size: int = field(8, help="rows per step")
     lr: float = field(0.05, help="Adam learning rate of the skills' weights")
-    init_weight: float | None = field(None, help="every skill's starting weight (default 1/number of skills: their mean)")
+    init_weight: float | None = field(None, help="every skill's starting weight (default 1/skills: their mean)")
     new_rank: int = field(0, help="rank of a new LoRA adapter trained with the weights (0: weights only)")
     new_alpha: float | None = field(None, help="lora_alpha of the new adapter (default 2 x new_rank)")
     new_lr: float = field(1e-3, help="Adam learning rate of the new adapter")

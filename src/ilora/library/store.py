@@ -47,6 +47,7 @@ from typing import Any
 from ilora.config import field, from_dict, to_dict
 from ilora.errors import IloraError
 from ilora.fileio import atomic_dir, atomic_write_text, file_sha256, to_json
+from ilora.models.adapter import ADAPTER_WEIGHTS
 
 LIBRARY_FILE = "library.json"
 OPLOG_FILE = "oplog.jsonl"
@@ -85,7 +86,7 @@ class Skill:
     added: str = field(help="when it was added (UTC, ISO 8601)")
     data: dict[str, Any] = field(
         default_factory=dict,
-        help="data settings: heldout_source, heldout_rows, heldout_sha256, and trained_on (the adapter's trained_on.json)",
+        help="data settings: heldout_source, heldout_rows, heldout_sha256; trained_on (the adapter's trained_on.json)",
     )
     heldout: Path | None = field(None, help="its held-out rows (datasets.load_from_disk folder), if given")
     grams: Path | None = field(None, help="the adapter's input Grams (grams.safetensors), if added with them")
@@ -257,7 +258,10 @@ class SkillLibrary:
         raise IloraError(f"{self.root}: no skill named {name!r} (skills: {known})")
 
     def merged_state(self) -> Path | None:
-        """The merged state's folder (``ilora.merge.load_merged_state`` reads it); ``None`` when empty."""
+        """The merged state's folder (``ilora.merge.load_merged_state`` reads it); ``None`` when empty.
+
+        The next change replaces it (a new folder) and deletes this one: read it under ``reading()``.
+        """
         return None if self.state.merged is None else self.root / self.state.merged
 
     def operations(self) -> list[dict[str, Any]]:
@@ -338,6 +342,9 @@ class SkillLibrary:
     def remove(self, name: str) -> dict[str, Any]:
         """Take a skill out: subtract it where the method is linear in its inputs, else rebuild.
 
+        Args:
+            name: the skill.
+
         Returns:
             The operation's log entry (``how``: ``subtracted``, ``rebuilt`` or ``emptied``, and ``why``).
         """
@@ -349,7 +356,7 @@ class SkillLibrary:
             removed = self.skill(name)
             skills = [s for s in self.state.skills if s.name != name]
             settings = self.settings
-            inputs = {"adapter": _described(removed.adapter / "adapter_model.safetensors")}
+            inputs = {"adapter": _described(removed.adapter / ADAPTER_WEIGHTS)}
             with self._undo_on_failure() as created:
                 out = None
                 if not skills:
@@ -371,7 +378,11 @@ class SkillLibrary:
         return entry
 
     def build(self, settings: MergeSettings | None = None) -> dict[str, Any]:
-        """Rebuild the merged state from every skill, with new ``settings`` (kept for later changes) or the current ones.
+        """Rebuild the merged state from every skill.
+
+        Args:
+            settings: new merge settings (kept for later changes; see ``merge_settings``);
+                ``None``: the current ones.
 
         Returns:
             The operation's log entry.
@@ -424,21 +435,27 @@ class SkillLibrary:
         current = None if self.state.merged is None else Path(self.state.merged).name
         leftovers = [p for p in (self.root / SKILLS_DIR).iterdir() if p.name not in keep]
         leftovers += [p for p in (self.root / MERGED_DIR).iterdir() if p.name != current]
-        leftovers += [p for p in self.root.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
+        leftovers += [p for p in [self.root / f".{LIBRARY_FILE}.tmp"] if p.exists()]  # atomic_write_text's
         for path in leftovers:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         logged = self.operations()
         if logged and self.state.last_op is not None and logged[-1] is self.state.last_op:
             self._append_log(self.state.last_op)
 
     @contextlib.contextmanager
     def _undo_on_failure(self) -> Iterator[list[Path]]:
-        """Yield a list of the paths a change creates; if the change fails, they are deleted."""
+        """Yield a list of the paths a change creates; if the change fails before its commit, they are deleted."""
         created: list[Path] = []
+        seq = self.state.ops + 1
         try:
             yield created
         except BaseException:
-            for path in created:
+            # Interrupted just after library.json was replaced, the change has happened: keep its folders.
+            committed = json.loads((self.root / LIBRARY_FILE).read_text()).get("ops") == seq
+            for path in [] if committed else created:
                 shutil.rmtree(path, ignore_errors=True)
             raise
 
@@ -510,7 +527,9 @@ class SkillLibrary:
         from ilora.models.load import model_weight_shapes, resolve_model_path
 
         if not SKILL_NAME.fullmatch(name):
-            raise IloraError(f"skill name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+            raise IloraError(
+                f"skill name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+            )
         if any(s.name == name for s in self.state.skills):
             raise IloraError(f"{self.root}: already has a skill named {name!r} (remove it first to replace it)")
         if not adapter.is_dir():
@@ -541,14 +560,17 @@ class SkillLibrary:
         return inputs
 
     def _check_settings(self, settings: MergeSettings, skills: list[Skill]) -> None:
-        """Refuse settings the skills cannot be merged with (a data-aware method and a skill without Grams)."""
+        """Refuse settings ``merge_settings`` would refuse, or that the skills cannot be merged with
+        (a data-aware method and a skill without Grams)."""
         from ilora.merge.registry import method_class
 
+        merge_settings(settings.method, settings.options, settings.iterative)
         if method_class(settings.method).needs_grams:
             for skill in skills:
                 if skill.grams is None:
                     raise IloraError(
-                        f"--method {settings.method}: skill {skill.name!r} has no Grams (remove it and add it again with --grams)"
+                        f"--method {settings.method}: skill {skill.name!r} has no Grams "
+                        "(remove it, add it again with --grams)"
                     )
 
     # ------------------------------------------------------------------ writing skills, merging
@@ -566,13 +588,13 @@ class SkillLibrary:
         from datasets import load_from_disk
 
         from ilora.merge.grams import GRAMS_FILE
-        from ilora.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json_object
+        from ilora.models.adapter import ADAPTER_CONFIG, read_json_object
 
         relative = skill_dir.relative_to(self.root)
         data: dict[str, Any] = {}
         with atomic_dir(skill_dir, overwrite=False) as tmp:
             (tmp / "adapter").mkdir()
-            names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, *(GRAMS_FILE,) * grams]
+            names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] + ([GRAMS_FILE] if grams else [])
             names += [n for n in ADAPTER_NOTES if (adapter / n).is_file()]
             for file in names:
                 shutil.copyfile(adapter / file, tmp / "adapter" / file)
@@ -603,7 +625,26 @@ class SkillLibrary:
             scores=score_record,
         )
 
-    def _merge(self, inputs: list, settings: MergeSettings, out: Path | None, weights=None, progress: bool = False):
+    def _merge(
+        self,
+        inputs: list,
+        settings: MergeSettings,
+        out: Path | None,
+        weights: list[float] | None = None,
+        progress: bool = False,
+    ):
+        """``merge_adapters`` with the library's settings (and base, for methods that need it).
+
+        Args:
+            inputs: adapters and/or one merged state (folders or open), in order.
+            settings: the merge settings.
+            out: the folder to write; ``None`` keeps the result in memory (a step of a build).
+            weights: per-input weights (a subtraction); ``None``: the method's default.
+            progress: a progress bar over modules.
+
+        Returns:
+            The ``MergedState``.
+        """
         from ilora.merge.engine import merge_adapters
         from ilora.merge.registry import method_class
         from ilora.models.load import resolve_model_path
