@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "ilora.merge.cli",  # merge, grams, analyze merge / interference
     "ilora.library.cli",  # library
     "ilora.experiment.tune_cli",  # tune-merge
+    "ilora.rl.cli",  # rl
 )
 
 
