@@ -168,19 +168,27 @@ def load_skills(
     """
     from peft import PeftModel
 
-    from ilora.models.adapter import check_lora_adapter, check_modules_fit
-    from ilora.models.load import load_vlm, model_weight_shapes
+    from ilora.models.load import load_vlm
 
-    check_skill_names(list(adapters))
-    shapes = model_weight_shapes(base)
-    for path in adapters.values():
-        check_modules_fit(check_lora_adapter(path), shapes, path, base)
+    check_skills(base, adapters)
     model, processor = load_vlm(base, dtype, device)
     names = list(adapters)
     peft_model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         peft_model.load_adapter(str(adapters[name]), adapter_name=name)
     return peft_model.eval(), processor
+
+
+def check_skills(base: str | os.PathLike, adapters: Mapping[str, str | os.PathLike]) -> None:
+    """Refuse bad skill names and any adapter that is not a plain, finite LoRA of ``base``'s modules
+    (reads the adapters' tensors, not the model's weights)."""
+    from ilora.models.adapter import check_lora_adapter, check_modules_fit
+    from ilora.models.load import model_weight_shapes
+
+    check_skill_names(list(adapters))
+    shapes = model_weight_shapes(base)
+    for path in adapters.values():
+        check_modules_fit(check_lora_adapter(path), shapes, path, base)
 
 
 def check_skill_names(names: Sequence[str]) -> None:
@@ -663,7 +671,7 @@ def selection_accuracy(
     from ilora.models.load import load_vlm
 
     rule = check_rule(rule)
-    check_skill_names(list(adapters))
+    check_skills(base, adapters)  # before the reference model is loaded and timed
     if rows_per_game is not None and rows_per_game < 1:
         raise IloraError(f"rows_per_game {rows_per_game}: must be >= 1")
     if batch_size < 1:
