@@ -46,11 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tune_merge(args: argparse.Namespace) -> int:
-    from ilora.config import deep_update, from_dict, parse_named_path, parse_overrides, read_yaml_mapping
+    from ilora.config import deep_update, from_dict, parse_named_path, parse_overrides, read_yaml_mapping, to_dict
     from ilora.experiment.tune_merge import GENERAL_COLUMNS, HELDOUT_COLUMNS, TuneSettings, check_rows, tune_merge
     from ilora.routing.cli import saved_rows
 
-    data = read_yaml_mapping(args.config) if args.config else {}
+    # The preset and --set update the defaults as `extends` does: options.ties.density=[...] keeps ilora's keep values.
+    data = deep_update(to_dict(TuneSettings()), read_yaml_mapping(args.config) if args.config else {})
     data = deep_update(data, parse_overrides(args.set))
     flags = {"trials": args.trials, "strategies": args.strategy, "objective": args.objective, "seed": args.seed}
     data.update({k: v for k, v in flags.items() if v is not None})

@@ -182,14 +182,13 @@ class SearchSpace:
                     raise IloraError(f"{where}: {method} has no option {option!r}; it has {sorted(defaults)}")
                 if not isinstance(values, list) or not values:
                     raise IloraError(f"{where}: expected a non-empty list of values, got {values!r}")
+                typed = []  # as the method reads them (YAML's "1e-3" is a float), so records compare equal
                 for value in values:
                     try:
-                        get_method(method, **{option: value})
+                        typed.append(getattr(get_method(method, **{option: value}), option))
                     except IloraError as err:
                         raise IloraError(f"{where}: {err}") from err
-                grid = with_default(values, defaults[option])
-                # Typed as the method reads them (YAML's "1e-3" is a float), so records compare equal.
-                grid = [getattr(get_method(method, **{option: v}), option) for v in grid]
+                grid = with_default(typed, defaults[option])
                 self.dims.append(Dim(f"{method}.{option}", tuple(grid), method))
         self.n_weights = n_inputs if any(self.takes_weights.values()) else 0
         weights = tuple(with_default([float(w) for w in settings.weights], 1.0))
