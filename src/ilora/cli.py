@@ -18,7 +18,8 @@ from ilora.errors import IloraError
 COMMAND_MODULES = (
     "ilora.experiment.cli",  # experiment
     "ilora.models.cli",  # base, eval
-    "ilora.atari.cli",  # collect, play, experts
+    "ilora.general.cli",  # general
+    "ilora.atari.cli",  # collect, play, experts, games
     "ilora.routing.cli",  # train, analyze activations
     "ilora.merge.cli",  # merge, grams, analyze merge / interference
     "ilora.library.cli",  # library

@@ -1,5 +1,5 @@
 """Rollouts of a policy (a scripted expert, or any :class:`~ilora.atari.experts.Policy`) -> a Hugging
-Face ``datasets`` dataset of two-frame prompts and answers, with its :class:`PromptSettings`.
+Face ``datasets`` dataset of two-frame prompts and answers, with its :class:`~ilora.prompt_settings.PromptSettings`.
 
 Each row is one agent step: ``images`` (the earlier and later native 210x160 RGB frames,
 ``frame_skip`` emulator frames apart), ``context`` (the game's constant text, placed before the
@@ -36,91 +36,17 @@ from ilora.atari.games import (
 from ilora.atari.prompts import build_answer, build_context, build_step_prompt
 from ilora.atari.ram import READERS, has_object_text
 from ilora.atari.ram import object_text as ram_object_text
-from ilora.config import field, from_dict, to_dict
+from ilora.config import field, to_dict
 from ilora.errors import IloraError
 from ilora.fileio import atomic_dir, atomic_write_text
 
-# Version of the rows' text layout; bumped whenever prompts or their order change, so cached
-# datasets (e.g. the experiment's data stage) are rebuilt. 2: rules/actions in ``context``.
-ROW_LAYOUT = 2
-# Beside a collected dataset's files, and copied into every adapter trained on it.
-PROMPT_SETTINGS_FILE = "prompt_settings.json"
+# The record is shared by every layer; collect re-exports it (and ROW_LAYOUT) for its readers.
+from ilora.prompt_settings import PROMPT_SETTINGS_FILE, ROW_LAYOUT, PromptSettings, read_prompt_settings  # noqa: F401
 
 
-@dataclass(frozen=True)
-class PromptSettings:
-    """How a game's rows were prompted, so what trained on them is played with the same prompt.
-
-    ``collect`` writes it beside the data, ``train`` copies it into the adapter, ``merge`` into
-    the merged model, and ``play`` takes its defaults from it.
-    """
-
-    games: tuple[str, ...] = field(help="the games of the rows (one for a collected dataset)")
-    object_text: bool = field(help="the RAM object-state text is in the prompt")
-    reasoning: bool = field(help="answers give reasoning before 'Action: NAME' (else direct)")
-    frame_skip: int = field(DEFAULT_FRAME_SKIP, help="emulator frames between the two images")
-    row_layout: int = field(ROW_LAYOUT, help="version of the rows' text layout (ilora.atari.collect.ROW_LAYOUT)")
-
-    PROMPT_KEYS = ("object_text", "reasoning", "frame_skip", "row_layout")  # what must agree to share a prompt
-
-    @classmethod
-    def of(cls, config: CollectConfig) -> PromptSettings:
-        """The settings of the rows ``config`` collects."""
-        return cls((config.game,), config.object_text, config.reasoning, config.frame_skip)
-
-    def differences(self, other: PromptSettings) -> list[str]:
-        """``key=mine vs theirs`` for every prompt key on which the two differ (games aside)."""
-        return [
-            f"{k}={getattr(self, k)} vs {getattr(other, k)}" for k in self.PROMPT_KEYS if getattr(self, k) != getattr(other, k)
-        ]
-
-    def write(self, folder: str | Path) -> Path:
-        """Write ``folder/prompt_settings.json`` (atomically); returns its path."""
-        path = Path(folder) / PROMPT_SETTINGS_FILE
-        atomic_write_text(path, json.dumps(to_dict(self), indent=1) + "\n")
-        return path
-
-
-def read_prompt_settings(folder: str | Path) -> PromptSettings | None:
-    """The prompt settings recorded in ``folder`` (a dataset, adapter or model folder), if any.
-
-    Raises:
-        IloraError: The file exists but is not a valid record; the message names it.
-    """
-    path = Path(folder) / PROMPT_SETTINGS_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IloraError(f"{path}: not a JSON prompt-settings record ({err})") from err
-    return from_dict(PromptSettings, data, str(path))
-
-
-def combine_prompt_settings(named: list[tuple[str, PromptSettings | None]]) -> PromptSettings | None:
-    """One record for what was built from several sources (an adapter's task datasets, a merge's
-    inputs): their games together; sources without a record are skipped.
-
-    Args:
-        named: ``(where, settings)`` per source, ``where`` naming it in errors.
-
-    Returns:
-        The combined settings, or ``None`` when no source has any.
-
-    Raises:
-        IloraError: Two sources were prompted differently (the line names both and the keys).
-    """
-    known = [(where, s) for where, s in named if s is not None]
-    if not known:
-        return None
-    first_where, first = known[0]
-    games = list(first.games)
-    for where, settings in known[1:]:
-        differ = first.differences(settings)
-        if differ:
-            raise IloraError(f"{first_where} and {where} were prompted differently ({', '.join(differ)})")
-        games += [g for g in settings.games if g not in games]
-    return dataclasses.replace(first, games=tuple(games))
+def prompt_settings_of(config: CollectConfig) -> PromptSettings:
+    """The :class:`~ilora.prompt_settings.PromptSettings` of the rows ``config`` collects."""
+    return PromptSettings((config.game,), config.object_text, config.reasoning, config.frame_skip, ROW_LAYOUT)
 
 
 def collected_dataset(path: str | Path) -> Path:
@@ -401,7 +327,7 @@ def collect_to_disk(
     Layout: ``out/collect_config.json`` (the settings; a resume must match them),
     ``out/episodes/episode_NNNNN/`` (one saved dataset + ``summary.json`` per episode, each
     written to a temporary directory and renamed), ``out/dataset/`` (all episodes, loadable with
-    ``datasets.load_from_disk``, with the :class:`PromptSettings` of its rows in
+    ``datasets.load_from_disk``, with the :class:`~ilora.prompt_settings.PromptSettings` of its rows in
     ``prompt_settings.json``) and ``out/summary.json`` (scores, removed steps, action histograms).
 
     ``policy`` plays instead of ``config.policy`` (which then only names it in the settings).
@@ -467,7 +393,7 @@ def collect_to_disk(
 
     with atomic_dir(out / "dataset") as tmp:
         concatenate_datasets(parts).save_to_disk(str(tmp))
-        PromptSettings.of(config).write(tmp)
+        prompt_settings_of(config).write(tmp)
     summary = summarize(summaries, config)
     _write_json(out / "summary.json", summary)
     return summary

@@ -428,13 +428,13 @@ def recorded_prompt(model: str | os.PathLike, adapter: str | os.PathLike | None)
         adapter: A PEFT adapter folder (``ilora train`` records its task data's settings), or ``None``.
 
     Returns:
-        ``(settings, where)``: the :class:`~ilora.atari.collect.PromptSettings` (``None`` when
+        ``(settings, where)``: the :class:`~ilora.prompt_settings.PromptSettings` (``None`` when
         neither folder records any) and the folder(s) they come from.
 
     Raises:
         IloraError: The model and the adapter record different prompts, or a record is malformed.
     """
-    from ilora.atari.collect import combine_prompt_settings, read_prompt_settings
+    from ilora.prompt_settings import combine_prompt_settings, read_prompt_settings
 
     folders = [str(f) for f in (model, adapter) if f is not None and Path(f).is_dir()]
     named = [(folder, read_prompt_settings(folder)) for folder in folders]
@@ -459,7 +459,7 @@ def play_prompt(
     is played as asked, with a warning.
 
     Args:
-        recorded: The :class:`~ilora.atari.collect.PromptSettings` the model was trained with, or ``None``.
+        recorded: The :class:`~ilora.prompt_settings.PromptSettings` the model was trained with, or ``None``.
         where: The folder(s) the record comes from, for messages.
         game: ``--game``; default the recorded game when there is exactly one.
         object_text: ``--object-text`` / ``--no-object-text``, or ``None``.
@@ -472,7 +472,7 @@ def play_prompt(
     Raises:
         IloraError: No game given or recorded, or a record the agent cannot play.
     """
-    from ilora.atari.collect import PROMPT_SETTINGS_FILE, ROW_LAYOUT
+    from ilora.prompt_settings import PROMPT_SETTINGS_FILE, ROW_LAYOUT
 
     notes = []
     if recorded is not None:

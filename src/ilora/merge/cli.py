@@ -11,7 +11,7 @@ from ilora.errors import IloraError
 EXAMPLE = """example:
   ilora merge runs/pong/adapter runs/breakout/adapter --out merged/two --keep 0.8
   ilora merge merged/two runs/seaquest/adapter --out merged/three       # iterative
-  ilora merge a b --method peft:ties --base models/tiny --out merged/ties --density 0.5
+  ilora merge a b --method peft:ties --base builtin --out merged/ties --density 0.5
 """
 
 
@@ -64,13 +64,17 @@ def method_options(args: argparse.Namespace) -> dict:
 
 def run_merge(args: argparse.Namespace) -> int:
     from ilora.merge import available_methods, merge_adapters
-    from ilora.merge.export import EXPORT_REPORT
+    from ilora.merge.export import EXPORT_REPORT, merged_prompt_settings
 
     if args.list_methods:
         print("\n".join(available_methods()))
         return 0
     if not args.inputs or not args.out:
         raise IloraError("merge: give ADAPTER_OR_MERGED_DIR... and --out DIR")
+    try:
+        prompt = merged_prompt_settings(args.inputs)
+    except IloraError as err:
+        raise IloraError(f"{err}: a merged model is played with one prompt; merge adapters trained on the same one") from err
     state = merge_adapters(
         args.inputs,
         args.method,
@@ -89,7 +93,10 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"  export rank {args.export_lora}, worst modules: " + ", ".join(f"{m} {e:.3g}" for m, e in worst))
         print(f"exported LoRA rank {args.export_lora} -> {folder}: overall relative error {report['relative_error']:.4g}")
     if args.save_model:
-        print(f"merged model -> {Path(args.out) / 'model'}")
+        print(f"merged model -> {Path(args.out) / 'model'} (its model card: README.md)")
+    if prompt is not None:
+        print(f"prompt of the inputs: {', '.join(prompt.games)}, object_text={prompt.object_text}, "
+              f"reasoning={prompt.reasoning} (prompt_settings.json in the exported adapter and model)")
     return 0
 
 

@@ -12,12 +12,16 @@ import torch
 from safetensors.torch import save_file
 
 from ilora.errors import IloraError
+from ilora.fileio import to_json
 from ilora.merge import ops
 from ilora.merge.io import LowRankDelta, MergedState
 from ilora.merge.registry import module_generator
 from ilora.models.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX
 
 EXPORT_REPORT = "export_report.json"
+MODEL_CARD = "README.md"
+# The merge record inside a saved model folder; not merge_record.json, which marks a merged-state folder.
+MODEL_MERGE_RECORD = "ilora_merge_record.json"
 # Files of a model folder that save_pretrained rewrites; everything else (tokenizer,
 # processor, chat template...) is copied from the base folder.
 MODEL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -93,6 +97,7 @@ def export_lora(state: MergedState, out_dir: str | os.PathLike, rank: int | None
         "from_factors": from_factors,
     }
     (out_dir / EXPORT_REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    _write_prompt_settings(state, out_dir)
     return report
 
 
@@ -127,7 +132,10 @@ def apply_merged_state(model: torch.nn.Module, state: MergedState) -> None:
 
 
 def save_merged_model(state: MergedState, base: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Save ``base + ΔW`` as a standard Hugging Face folder (same architecture, dtype and size).
+    """Save ``base + ΔW`` as a standard Hugging Face folder (same architecture, dtype and size),
+    with its own model card (``README.md``: method, inputs with hashes, options, the merge
+    record), the merge record (``ilora_merge_record.json``) and, where the inputs record one, the
+    prompt they were trained with (``prompt_settings.json``, what ``ilora play`` reads).
 
     Args:
         state: the merged state.
@@ -145,7 +153,137 @@ def save_merged_model(state: MergedState, base: str | os.PathLike, out_dir: str 
     model.save_pretrained(str(out_dir))
     base_dir = Path(base)
     if base_dir.is_dir():
+        # The base's own card describes the base, not this model.
         for item in sorted(base_dir.iterdir()):
-            if item.is_file() and not item.name.endswith(MODEL_WEIGHT_SUFFIXES) and not (out_dir / item.name).exists():
+            copied = item.is_file() and not item.name.endswith(MODEL_WEIGHT_SUFFIXES) and item.name != MODEL_CARD
+            if copied and not (out_dir / item.name).exists():
                 shutil.copy2(item, out_dir / item.name)
+    (out_dir / MODEL_MERGE_RECORD).write_text(to_json({**state.meta, "modules": state.records}) + "\n")
+    prompt = _write_prompt_settings(state, out_dir)
+    auto_class = "AutoModelForImageTextToText" if hasattr(model.config, "vision_config") else "AutoModelForCausalLM"
+    (out_dir / MODEL_CARD).write_text(model_card(state, base, len(state.deltas), auto_class, prompt))
     return out_dir
+
+
+def merged_prompt_settings(inputs: list[str | os.PathLike | None]):
+    """The prompt the inputs of a merge were trained with: each adapter's ``prompt_settings.json``,
+    a merged state's from its own inputs (as its ``merge_record.json`` names them).
+
+    Returns:
+        The combined :class:`~ilora.prompt_settings.PromptSettings`, or ``None`` when no input records one.
+
+    Raises:
+        IloraError: Two inputs were trained with different prompts (one line naming both).
+    """
+    from ilora.prompt_settings import combine_prompt_settings, read_prompt_settings
+    from ilora.merge.io import MERGE_RECORD
+
+    named = []
+    for path in inputs:
+        if path is None or not Path(path).is_dir():
+            continue
+        settings = read_prompt_settings(path)
+        if settings is None and (Path(path) / MERGE_RECORD).is_file():
+            inner = json.loads((Path(path) / MERGE_RECORD).read_text()).get("inputs", [])
+            settings = merged_prompt_settings([entry.get("path") for entry in inner])
+        named.append((str(path), settings))
+    return combine_prompt_settings(named)
+
+
+def _write_prompt_settings(state: MergedState, out_dir: Path):
+    """Write the merge inputs' prompt settings into ``out_dir`` (if they record one); returns them."""
+    try:
+        prompt = merged_prompt_settings([entry.get("path") for entry in state.meta.get("inputs", [])])
+    except IloraError:  # inputs of different prompts (``ilora merge`` refuses them first): none to play with
+        return None
+    if prompt is not None:
+        prompt.write(out_dir)
+    return prompt
+
+
+def _method_summary(method: str) -> str:
+    """The first paragraph of a registered method's docstring, on one line."""
+    from ilora.merge.registry import method_class
+
+    doc = (method_class(method).__doc__ or "").strip()
+    return " ".join(doc.split("\n\n")[0].split()).replace("``", "`")  # reST literals as Markdown code
+
+
+def model_card(
+    state: MergedState, base: str | os.PathLike, n_modules: int, auto_class: str = "AutoModelForImageTextToText",
+    prompt=None,
+) -> str:
+    """The README.md of a merged model folder: what was merged, how, from what, and how to load it.
+
+    Args:
+        state: the merged state (its ``meta``: method, options, inputs with hashes, base).
+        base: the base model the deltas were added to.
+        n_modules: weight matrices changed.
+        auto_class: the ``transformers`` auto class that loads the model.
+        prompt: the inputs' :class:`~ilora.prompt_settings.PromptSettings`, if recorded.
+
+    Returns:
+        Markdown with a Hugging Face metadata header.
+    """
+    from ilora import __version__
+
+    meta = state.meta
+    method, inputs = meta.get("method", "?"), meta.get("inputs", [])
+    base_name = meta.get("base_model") or str(base)
+    header = ["---", "library_name: transformers", "tags:", "- ilora", "- lora", "- merge"]
+    if not Path(base_name).exists():  # a hub id, which the Hub links to
+        header.insert(1, f"base_model: {base_name}")
+    lines = header + [
+        "---",
+        "",
+        f"# {len(inputs)} input(s) merged with `{method}`",
+        "",
+        f"A full Hugging Face model: the base model `{base_name}` with one merged weight delta ΔW added to "
+        f"{n_modules} of its weight matrices (same architecture, dtype and size as the base). Written by "
+        f"`ilora merge --save-model` (ilora {__version__}); nothing here was trained after the merge.",
+        "",
+        "## Method",
+        "",
+        f"`{method}`: {_method_summary(method)}",
+        "",
+        f"Options: `{json.dumps(meta.get('options', {}), sort_keys=True)}`",
+        "",
+        "## Inputs",
+        "",
+        "In merge order (order breaks ties). sha256 of an adapter's weights file, or of a merged state's record.",
+        "",
+        "| # | kind | path | sha256 |",
+        "|---|---|---|---|",
+        *[f"| {i} | {e.get('kind')} | `{e.get('path')}` | `{e.get('sha256')}` |" for i, e in enumerate(inputs)],
+        "",
+        "## Prompt",
+        "",
+    ]
+    if prompt is None:
+        lines.append("The inputs record no Atari prompt settings (`prompt_settings.json`).")
+    else:
+        answers = "reasoning, then `Action: NAME`" if prompt.reasoning else "direct `Action: NAME`"
+        lines.append(
+            f"Trained on {', '.join(prompt.games)} with object-state text {'on' if prompt.object_text else 'off'} "
+            f"and {answers} answers, frames {prompt.frame_skip} emulator frames apart (`prompt_settings.json`); "
+            "`ilora play --model THIS_FOLDER` plays with that prompt."
+        )
+    lines += [
+        "",
+        "## Merge record",
+        "",
+        f"`{MODEL_MERGE_RECORD}`: the method, its options, the inputs with their hashes, the base, and per "
+        "module what the method kept (ranks, thresholds). The merged state this model was built from (the ΔW "
+        "themselves, `merge_record.json`) is the folder above this one.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        f"from transformers import AutoProcessor, {auto_class}",
+        "",
+        f'model = {auto_class}.from_pretrained("THIS_FOLDER")',
+        'processor = AutoProcessor.from_pretrained("THIS_FOLDER")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -11,22 +11,23 @@ TRAIN_EXAMPLE = """example:
   ilora train configs/train_tiny.yaml
   ilora train configs/train_tiny.yaml --set training.eps_kl=0 --set out=runs/norm_only
   ilora train configs/train_tiny.yaml --resume          # continue from <out>.run/checkpoint-*
+
+The adapter folder gets the task datasets' prompt_settings.json (what `ilora collect` recorded),
+so `ilora play --adapter OUT` plays with the prompt it was trained on.
 """
 
 ANALYZE_EXAMPLE = """example:
-  ilora analyze activations --model models/tiny --adapter runs/pong \\
-      --data task=data/pong --data general=data/general --data "other games"=data/breakout --out runs/pong/activations
+  ilora analyze activations --model builtin --adapter runs/pong \\
+      --data task=data/pong --data general=data/general --data "other games"=data/breakout --out runs/pong-activations
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ilora.config import describe
-
     train = subparsers.add_parser(
         "train",
         help="routing-tune one LoRA adapter (or plain LoRA) from a YAML config",
         description="Train a LoRA adapter with routing tuning: task rows -> LM loss, general rows -> KL + LoRA-norm.",
-        epilog=TRAIN_EXAMPLE + "\nconfig keys:\n" + _describe_train_config(describe),
+        epilog=TRAIN_EXAMPLE + "\nconfig keys:\n" + _describe_train_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", help="YAML config (see configs/train_*.yaml)")
@@ -51,7 +52,8 @@ def register_analyses(sub: argparse._SubParsersAction) -> None:
     act.add_argument("--adapter", required=True, help="PEFT adapter folder")
     act.add_argument(
         "--data", action="append", required=True, metavar="[NAME=]DIR",
-        help="a saved dataset (datasets.save_to_disk) of one data type; repeat for each type",
+        help="a saved dataset (datasets.save_to_disk, or the folder ilora collect wrote) of one data type; repeat for "
+        "each type",
     )
     act.add_argument("--out", required=True, help="output folder (activations.json/.txt, heatmap.png)")
     act.add_argument("--layer", help="LoRA layer for the heatmap (default: first language-model layer)")
@@ -62,10 +64,25 @@ def register_analyses(sub: argparse._SubParsersAction) -> None:
     act.set_defaults(func=run_analyze_activations)
 
 
-def _describe_train_config(describe) -> str:
-    from ilora.routing.config import TrainConfig
+def _describe_train_config() -> str:
+    """The config keys with their real defaults (required ones marked), then the training presets."""
+    import dataclasses
 
-    return describe(TrainConfig)
+    from ilora.routing.config import TRAIN_PRESETS, TrainConfig
+
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            default = f"= {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"= {f.default_factory()!r}"
+        else:
+            default = "(required)"
+        lines.append(f"  {f.name} {default}: {f.metadata.get('help', '')}")
+    lines.append("\ntraining presets (chosen by the model; the config's training keys update them):")
+    for name, who in (("builtin", "the shipped base, model: builtin"), ("paper", "any other model")):
+        lines.append(f"  {name} ({who}): " + ", ".join(f"{k}={v}" for k, v in TRAIN_PRESETS[name].items()))
+    return "\n".join(lines)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -82,12 +99,14 @@ def run_train(args: argparse.Namespace) -> int:
 def run_analyze_activations(args: argparse.Namespace) -> int:
     from datasets import load_from_disk
 
+    from ilora.atari.collect import collected_dataset
     from ilora.config import parse_named_path
     from ilora.routing.analyze import analyze_activations, format_table
 
     data = {}
     for value in args.data:
         name, path = parse_named_path(value)
+        path = collected_dataset(path)
         if not path.is_dir():
             raise IloraError(f"--data {value}: {path} is not a folder saved with datasets.save_to_disk")
         try:
@@ -104,7 +123,7 @@ def run_analyze_activations(args: argparse.Namespace) -> int:
 
 
 GRAMS_EXAMPLE = """example:
-  ilora grams runs/pong/adapter --data data/pong/train --general data/general/train --rows 256
+  ilora grams runs/pong --data data/pong --general data/general --rows 256
 """
 
 
@@ -118,7 +137,8 @@ def register_grams(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder")
-    p.add_argument("--data", required=True, metavar="TASK_DIR", help="the adapter's task rows (datasets.save_to_disk)")
+    p.add_argument("--data", required=True, metavar="TASK_DIR",
+                   help="the adapter's task rows (datasets.save_to_disk, or the folder ilora collect wrote)")
     p.add_argument("--general", metavar="DIR", help="general rows (datasets.save_to_disk)")
     p.add_argument("--rows", type=int, default=256, help="first rows of each dataset used (default 256)")
     p.add_argument("--base", help="base model (default: the adapter config's base_model_name_or_path)")
@@ -132,6 +152,9 @@ def saved_rows(flag: str, path: str, limit: int):
     """The first ``limit`` rows of a ``datasets.save_to_disk`` folder of example rows."""
     from datasets import Dataset, load_from_disk
 
+    from ilora.atari.collect import collected_dataset
+
+    path = collected_dataset(path)
     if not Path(path).is_dir():
         raise IloraError(f"{flag} {path}: not a folder saved with datasets.save_to_disk")
     try:

@@ -19,7 +19,7 @@ from ilora.errors import IloraError
 from ilora.fileio import atomic_dir, file_sha256
 from ilora.models.adapter import check_lora_adapter, check_modules_fit, lora_weights_file
 from ilora.routing.collator import Source, mix_sources
-from ilora.routing.config import DataSpec, TrainConfig
+from ilora.routing.config import TRAIN_PRESETS, DataSpec, TrainConfig
 from ilora.routing.lora import load_adapter
 from ilora.routing.trainer import TERMS, RoutingConfig, RoutingTrainer
 
@@ -78,6 +78,7 @@ def train_adapter(
     overwrite: bool = False,
     fold_adapters: Sequence[str | os.PathLike] = (),
     init_adapter: str | os.PathLike | None = None,
+    prompt_settings=None,
 ) -> Path:
     """Train one routed LoRA adapter and save it as a standard PEFT adapter folder.
 
@@ -103,6 +104,9 @@ def train_adapter(
         fold_adapters: LoRA adapter folders added to the base weights before training (frozen).
         init_adapter: a LoRA adapter folder to continue from (its rank, alpha and targets
             replace ``config``'s LoRA settings); default: a fresh LoRA from ``config``.
+        prompt_settings: the :class:`~ilora.prompt_settings.PromptSettings` of the task rows,
+            written to ``prompt_settings.json`` (``ilora play`` plays with them); ``None`` for
+            rows that are not a game's.
 
     Returns:
         ``out_dir``.
@@ -133,6 +137,8 @@ def train_adapter(
             (tmp / LOSS_LOG).write_text(json.dumps(trainer.state.log_history, indent=1))
             (tmp / TRAINED_ON_FILE).write_text(json.dumps(trained_on(model_path, fold_adapters, init_adapter), indent=1))
             plot_loss_log(trainer.state.log_history, tmp / "loss.png")
+            if prompt_settings is not None:
+                prompt_settings.write(tmp)
     trainer.accelerator.wait_for_everyone()
     return out_dir
 
@@ -168,15 +174,61 @@ def routing_config(training: dict[str, Any], where: str = "training") -> Routing
         raise IloraError(f"{where}: {err}") from err
 
 
+LLAVA_SUFFIXES = (".json", ".jsonl")
+
+
+def training_preset(model: str | os.PathLike, training: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The RoutingConfig settings for ``model``: its preset (``TRAIN_PRESETS``) updated by ``training``.
+
+    The shipped base (``builtin``, or its folder) gets the ``builtin`` preset, any other model
+    the paper's. ``num_train_epochs`` given without ``max_steps`` replaces the preset's
+    ``max_steps`` (which would otherwise win over it).
+
+    Returns:
+        ``(preset name, settings)``.
+    """
+    from ilora.models.load import BUILTIN_BASE, builtin_base
+
+    shipped = str(model) == BUILTIN_BASE or Path(model).resolve() == builtin_base().resolve()
+    name = "builtin" if shipped else "paper"
+    settings = {**TRAIN_PRESETS[name], **training}
+    if "num_train_epochs" in training and "max_steps" not in training:
+        settings.pop("max_steps", None)
+    return name, settings
+
+
+def dataset_path(spec: DataSpec, where: str) -> Path:
+    """The folder or LLaVA-style file a data spec names (a collection's ``dataset`` inside it)."""
+    from ilora.atari.collect import collected_dataset
+
+    path = Path(spec.path)
+    if path.suffix in LLAVA_SUFFIXES:
+        if not path.is_file():
+            raise IloraError(f"{where}: {path}: no such LLaVA-style conversation file")
+        return path
+    if spec.image_folder is not None:
+        raise IloraError(f"{where}: {path}: image_folder is for LLaVA-style .json/.jsonl files only")
+    path = collected_dataset(path)
+    if not path.is_dir():
+        raise IloraError(f"{where}: {path} is not a folder saved with datasets.save_to_disk")
+    return path
+
+
 def load_sources(specs: Sequence[DataSpec], route: str, where: str) -> list[Source]:
-    """``Source``s from saved datasets, checked to follow the row contract."""
+    """``Source``s from saved datasets, collections or LLaVA-style files, checked to follow the row contract."""
     from datasets import load_from_disk
+
+    from ilora.general.llava_json import load_llava_json
 
     sources = []
     for spec in specs:
-        path = Path(spec.path)
-        if not path.is_dir():
-            raise IloraError(f"{where}: {path} is not a folder saved with datasets.save_to_disk")
+        path = dataset_path(spec, where)
+        if path.suffix in LLAVA_SUFFIXES:
+            rows = load_llava_json(path, spec.image_folder or path.parent)
+            if not rows:
+                raise IloraError(f"{where}: {path}: no conversation with an image")
+            sources.append(Source(rows, route, spec.size, name=str(path)))
+            continue
         try:
             ds = load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as err:
@@ -185,6 +237,24 @@ def load_sources(specs: Sequence[DataSpec], route: str, where: str) -> list[Sour
             raise IloraError(f"{where}: {path} has columns {ds.column_names}; needs prompt + answer (labels)")
         sources.append(Source(ds, route, spec.size, name=str(path)))
     return sources
+
+
+def task_prompt_settings(specs: Sequence[DataSpec]):
+    """The prompt settings the task datasets record (``None`` if none does), their games together.
+
+    Raises:
+        IloraError: Two task datasets were prompted differently (one line naming both).
+    """
+    from ilora.prompt_settings import combine_prompt_settings, read_prompt_settings
+
+    named = []
+    for i, spec in enumerate(specs):
+        path = dataset_path(spec, f"task_data[{i}]")
+        named.append((str(path), None if path.is_file() else read_prompt_settings(path)))
+    try:
+        return combine_prompt_settings(named)
+    except IloraError as err:
+        raise IloraError(f"task_data: {err}; an adapter is played with one prompt") from err
 
 
 def check_adapters_fit(config: TrainConfig) -> None:
@@ -204,14 +274,21 @@ def check_adapters_fit(config: TrainConfig) -> None:
 
 
 def train_from_config(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run ``ilora train`` for a loaded ``TrainConfig``."""
+    """Run ``ilora train`` for a loaded ``TrainConfig``: the model's preset updated by its
+    ``training`` keys; the task datasets' prompt settings are copied into the adapter."""
     if not config.task_data:
         raise IloraError("task_data: at least one task dataset is needed")
-    args = routing_config(config.training)
+    preset, training = training_preset(config.model, config.training)
+    args = routing_config(training)
     check_adapters_fit(config)
+    prompt = task_prompt_settings(config.task_data)
     task = load_sources(config.task_data, "task", "task_data")
     general = load_sources(config.general_data, "general", "general_data")
+    given = ", ".join(sorted(config.training)) or "none"
+    print(f"ilora train: {preset} preset for {config.model} (your training keys: {given}); prompt: "
+          + (f"{', '.join(prompt.games)}, object_text={prompt.object_text}, reasoning={prompt.reasoning}"
+             if prompt is not None else "not recorded by the task data"))
     return train_adapter(
         config.model, task, general, args, config.out, resume=resume, dtype=config.dtype, overwrite=overwrite,
-        fold_adapters=config.fold_adapters, init_adapter=config.init_adapter,
+        fold_adapters=config.fold_adapters, init_adapter=config.init_adapter, prompt_settings=prompt,
     )
