@@ -264,7 +264,7 @@ def test_bad_inputs_are_refused_in_one_line_before_any_work(tmp_path, capsys, ge
 
 
 def test_a_clone_prompted_otherwise_is_refused(tmp_path, capsys):
-    from ilora.atari.collect import PromptSettings
+    from ilora.prompt_settings import PromptSettings
 
     adapter = make_adapter(builtin_base(), tmp_path / "clone", seed=1, r=4, alpha=8, targets=["q_proj", "v_proj"])
     PromptSettings(("Boxing",), object_text=False, reasoning=False).write(adapter)

@@ -44,7 +44,7 @@ def check_inputs(
     Returns:
         The game, and the general rows (a dataset) when ``general`` is given.
     """
-    from ilora.atari.collect import PROMPT_SETTINGS_FILE, read_prompt_settings
+    from ilora.prompt_settings import PROMPT_SETTINGS_FILE, read_prompt_settings
     from ilora.atari.ram import READERS, has_object_text
     from ilora.models.adapter import check_lora_adapter, check_modules_fit
     from ilora.models.load import model_weight_shapes, resolve_dtype, resolve_model_path
@@ -194,9 +194,9 @@ def train_rl(
 
 
 def prompt_settings(game: Game, settings: GRPOSettings):
-    """The prompt the run plays with (direct answers, scored), as :mod:`ilora.atari.collect` records it,
+    """The prompt the run plays with (direct answers, scored), as :mod:`ilora.prompt_settings` records it,
     so that ``ilora play`` plays the adapter with it."""
-    from ilora.atari.collect import PromptSettings
+    from ilora.prompt_settings import PromptSettings
 
     return PromptSettings((game.name,), settings.object_text, reasoning=False)
 
