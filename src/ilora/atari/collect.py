@@ -272,7 +272,7 @@ def collect_dataset(
     episodes: int,
     seed: int = 0,
     *,
-    policy: Policy | None = None,
+    policy: Policy | str | None = None,
     progress: bool = True,
     **options,
 ):
@@ -282,9 +282,10 @@ def collect_dataset(
         game: Catalogued game name.
         episodes: Number of episodes.
         seed: Episode ``i`` is played from ``reset(seed=seed + i)``.
-        policy: Any :class:`~ilora.atari.experts.Policy`; default ``options["policy"]``, the scripted expert.
+        policy: Any :class:`~ilora.atari.experts.Policy`, or a name for
+            :func:`~ilora.atari.experts.load_policy` (``CollectConfig.policy``); default the scripted expert.
         progress: Show a tqdm bar.
-        **options: Further :class:`CollectConfig` fields (``policy``, ``object_text``, ``reasoning``, ``max_steps``...).
+        **options: Further :class:`CollectConfig` fields (``object_text``, ``reasoning``, ``max_steps``...).
 
     Returns:
         The rows of all episodes, in episode order.
@@ -292,6 +293,8 @@ def collect_dataset(
     from datasets import concatenate_datasets
     from tqdm.auto import tqdm
 
+    if isinstance(policy, str):
+        options, policy = {**options, "policy": policy}, None
     config = CollectConfig(game=game, episodes=episodes, seed=seed, **options)
     policy = policy if policy is not None else shared_policy(config)  # refused before any episode is played
     env = TwoFrameEnv(config.game, frame_skip=config.frame_skip, repeat_action_probability=config.repeat_action_probability)
