@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "ilora.general.cli",  # general
     "ilora.atari.cli",  # collect, play, experts, games
     "ilora.routing.cli",  # train, analyze activations
+    "ilora.routing.select_cli",  # select-play, analyze selection
     "ilora.merge.cli",  # merge, grams, analyze merge / interference
     "ilora.library.cli",  # library
     "ilora.experiment.tune_cli",  # tune-merge
