@@ -72,3 +72,20 @@ def routing_args(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return RoutingConfig(**kwargs)
+
+
+def random_lora_vlm(model_dir, seed: int):
+    """The tiny VLM with a rank-4 LoRA adapter whose B is random (a non-zero delta), and its processor."""
+    import torch
+
+    from ilora.models.load import load_vlm
+    from ilora.routing.lora import apply_lora
+
+    model, processor = load_vlm(model_dir)
+    peft_model = apply_lora(model, r=4, alpha=8, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return peft_model, processor

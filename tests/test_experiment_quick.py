@@ -177,3 +177,5 @@ def test_continual_adapters_are_trained_on_the_earlier_games_adapters(quick_run)
         assert json.loads((folder / "stage.json").read_text())["result"]["steps"] == routed
         earlier.append(folder / "adapter")
     assert "sum of continual adapters" in report.read_text()
+    recorded = json.loads((run_dir / "train" / "routed" / config.games[0] / "adapter" / "prompt_settings.json").read_text())
+    assert recorded["games"] == [config.games[0]] and recorded["object_text"] == config.data.object_text

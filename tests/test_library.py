@@ -10,15 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_helpers import build_tiny_lm, make_adapter
+from routing_helpers import make_rows, random_lora_vlm
 from safetensors.torch import load_file, save_file
 
 from ilora.cli import main
 from ilora.fileio import file_sha256
-from ilora.library.store import LIBRARY_FILE, OPLOG_FILE, SkillLibrary, folder_sha256, init_library, merge_settings
+from ilora.library.store import (
+    LIBRARY_FILE,
+    OPLOG_FILE,
+    SkillLibrary,
+    folder_sha256,
+    init_library,
+    merge_settings,
+)
 from ilora.merge import LoraAdapter, load_merged_state, merge_adapters
-
-from merge_helpers import build_tiny_lm, make_adapter
-from routing_helpers import make_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS32 = torch.finfo(torch.float32).eps
@@ -355,17 +361,7 @@ def test_a_bad_library_file_is_named_with_its_key(zoo, tmp_path, capsys):
 
 def random_vlm_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     """A rank-4 LoRA adapter of the tiny VLM with random B (a non-zero delta)."""
-    from ilora.models.load import load_vlm
-    from ilora.routing.lora import apply_lora
-
-    model, _ = load_vlm(model_dir)
-    peft_model = apply_lora(model, r=4, alpha=8, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    peft_model.save_pretrained(out)
+    random_lora_vlm(model_dir, seed)[0].save_pretrained(out)
     return out
 
 

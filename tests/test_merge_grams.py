@@ -7,33 +7,23 @@ import math
 
 import pytest
 import torch
+from routing_helpers import make_rows, random_lora_vlm, tag
 
 from ilora.cli import main
 from ilora.errors import IloraError
 from ilora.merge.grams import GRAMS_FILE, load_grams
-from ilora.routing.grams import collect_grams
-from ilora.merge.interference import activation_interference, delta_difference, output_energy
+from ilora.merge.interference import (
+    activation_interference,
+    delta_difference,
+    output_energy,
+)
 from ilora.merge.io import LoraAdapter
 from ilora.models.load import load_vlm
 from ilora.routing.collator import RoutingCollator
+from ilora.routing.grams import collect_grams
 from ilora.routing.hooks import find_lora_layers
-from ilora.routing.lora import apply_lora
-
-from routing_helpers import make_rows, tag
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def lora_model(model_dir, seed: int):
-    """The tiny VLM with a rank-4 LoRA adapter whose B is random (a non-zero delta)."""
-    model, processor = load_vlm(model_dir)
-    peft_model = apply_lora(model, r=4, alpha=8, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return peft_model, processor
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +37,14 @@ def saved(tiny_vlm_dir, tmp_path_factory):
         paths[name] = root / name
         Dataset.from_list(make_rows(6, seed, n_images=n_images, answer_len=1 + seed)).save_to_disk(str(paths[name]))
     for name, seed in (("a", 0), ("b", 1)):
-        peft_model, _ = lora_model(tiny_vlm_dir, seed)
+        peft_model, _ = random_lora_vlm(tiny_vlm_dir, seed)
         peft_model.save_pretrained(root / name)
         paths[name] = root / name
     return paths
 
 
 def test_gram_is_mean_input_outer_product_without_padding(tiny_vlm_dir):
-    peft_model, processor = lora_model(tiny_vlm_dir, 0)
+    peft_model, processor = random_lora_vlm(tiny_vlm_dir, 0)
     refs = {r.part: r for r in find_lora_layers(peft_model)}
     rows = make_rows(3, 5, n_images=(1, 2, 1), answer_len=3)
     rows[1]["prompt"] += " left right up down fire ball"  # rows of different lengths: padding
@@ -146,6 +136,7 @@ def test_grams_cli_file_and_validation(saved, tiny_vlm_dir, tmp_path, capsys):
     assert not list(saved["a"].glob(".*tmp*"))
     # The task Gram is that of collect_grams on the same rows in base + adapter.
     from datasets import load_from_disk
+
     from ilora.routing.lora import load_adapter
 
     model, processor = load_vlm(tiny_vlm_dir)
@@ -200,7 +191,7 @@ def test_grams_cli_file_and_validation(saved, tiny_vlm_dir, tmp_path, capsys):
     assert all(v is not None and v >= 0 for v in record["merged"][str(tmp_path / "merged")])
 
     # Stale: the adapter's weights changed after its Grams were measured.
-    peft_model, _ = lora_model(tiny_vlm_dir, 7)
+    peft_model, _ = random_lora_vlm(tiny_vlm_dir, 7)
     peft_model.save_pretrained(saved["b"])
     with pytest.raises(IloraError, match="stale"):
         load_grams(saved["b"])

@@ -6,12 +6,10 @@ import json
 
 import pytest
 import torch
-from routing_helpers import make_rows, routing_args
+from routing_helpers import make_rows, random_lora_vlm, routing_args
 from safetensors.torch import load_file
 
 from ilora.fileio import file_sha256
-from ilora.models.load import load_vlm
-from ilora.routing.lora import apply_lora
 from ilora.routing.train import train_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,13 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def saved_adapter(tiny_vlm_dir, folder, seed):
     """A LoRA adapter with nonzero B (it changes the model's outputs)."""
-    model = apply_lora(load_vlm(tiny_vlm_dir)[0], r=4, alpha=8, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(folder)
+    random_lora_vlm(tiny_vlm_dir, seed)[0].save_pretrained(folder)
     return folder
 
 

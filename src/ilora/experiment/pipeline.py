@@ -160,6 +160,7 @@ class Experiment:
 
     def train(self, spec: AdapterSpec) -> None:
         """Train adapter ``spec.name`` on its task games' data; general rows join when the weights route them."""
+        from ilora.prompt_settings import PromptSettings
         from ilora.routing.collator import Source
         from ilora.routing.train import train_adapter
         from ilora.routing.trainer import RoutingConfig
@@ -217,8 +218,10 @@ class Experiment:
                 dataloader_num_workers=0,
                 disable_tqdm=False,
             )
+            prompt = PromptSettings(tuple(task_games), d.object_text, d.reasoning)  # what `ilora play` reads
             train_adapter(
-                self.base_path, task, general, args, folder / "adapter", dtype=t.dtype, fold_adapters=fold, init_adapter=init
+                self.base_path, task, general, args, folder / "adapter", dtype=t.dtype, fold_adapters=fold,
+                init_adapter=init, prompt_settings=prompt,
             )
             shutil.rmtree(folder / "adapter.run", ignore_errors=True)
             log = json.loads((folder / "adapter" / "loss_log.json").read_text())
