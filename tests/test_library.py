@@ -15,12 +15,11 @@ from routing_helpers import make_rows, random_lora_vlm
 from safetensors.torch import load_file, save_file
 
 from ilora.cli import main
-from ilora.fileio import file_sha256
+from ilora.fileio import file_sha256, folder_sha256
 from ilora.library.store import (
     LIBRARY_FILE,
     OPLOG_FILE,
     SkillLibrary,
-    folder_sha256,
     init_library,
     merge_settings,
 )

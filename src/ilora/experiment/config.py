@@ -114,6 +114,10 @@ class RefitSettings:
         if self.steps_share < 0:
             raise IloraError(f"refit.steps_share = {self.steps_share}: must be >= 0")
 
+    @property
+    def enabled(self) -> bool:
+        return self.steps_share > 0
+
 
 @dataclasses.dataclass
 class ContinualSettings:

@@ -79,6 +79,11 @@ class AdapterSpec:
     def routed(self) -> bool:
         return self.weights["eps_kl"] > 0 or self.weights["eps_norm"] > 0
 
+    @property
+    def starts_from(self) -> list[str]:
+        """The adapters this one is trained on or from (folded ones, then the initial one)."""
+        return [*self.fold, *([self.init] if self.init else [])]
+
 
 @dataclass
 class ModelSpec:
@@ -172,7 +177,7 @@ class Experiment:
         # The joint adapter's own step count is in "steps"; the factor behind it concerns no other stage.
         train_settings = {k: v for k, v in to_dict(t).items() if k != "joint_steps_factor"}
         settings = {"train": train_settings, "weights": weights, "task": task_games, "others": others, "steps": steps}
-        starts_from = [*spec.fold, *([spec.init] if spec.init else [])]
+        starts_from = spec.starts_from
         for model in starts_from:
             self.ensure(model)
         fold = [self.models[m].adapter for m in spec.fold]
@@ -286,7 +291,7 @@ class Experiment:
             jobs += [AdapterSpec(f"plain/{game}", (game,), PLAIN), AdapterSpec(f"routed/{game}", (game,), routed_weights)]
         for variant, weights in self.cfg.ablations.variants.items():
             jobs += [AdapterSpec(f"ablation/{variant}/{g}", (g,), {**PLAIN, **weights}) for g in self.cfg.ablations.games]
-        if self.cfg.refit.steps_share > 0:
+        if self.cfg.refit.enabled:
             jobs += [
                 AdapterSpec(f"refit/{g}", (g,), routed_weights, fold=tuple(f"routed/{o}" for o in games if o != g),
                             init=f"routed/{g}", steps_share=self.cfg.refit.steps_share)
@@ -311,7 +316,7 @@ class Experiment:
         jobs: list[tuple] = []
         for method in m.methods:
             jobs.append((f"merge/{method}", self.merge_inputs(method, self.cfg.games), method, self.merge_options(method)))
-        for method in self.cfg.refit.methods if self.cfg.refit.steps_share > 0 else ():
+        for method in self.cfg.refit.methods if self.cfg.refit.enabled else ():
             inputs = self.merge_inputs(method, self.cfg.games, kind="refit")
             jobs.append((f"merge-refit/{method}", inputs, method, self.merge_options(method)))
         for method in self.cfg.continual.methods if self.cfg.continual.enabled else ():
@@ -496,7 +501,7 @@ class Experiment:
             cost = (spec.steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS
             cost *= ROUTED_COST_FACTOR if spec.routed else 1
             cost *= spec.steps_share
-            deps = data + tuple(self.stage_of(m) for m in [*spec.fold, *([spec.init] if spec.init else [])])
+            deps = data + tuple(self.stage_of(m) for m in spec.starts_from)
             jobs.append(Job(f"train/{spec.name}", "train", (spec,), deps, tier=1, cost=cost))
         for name, inputs, method, options in self.merge_jobs():
             deps = tuple(self.stage_of(m) for m in inputs)

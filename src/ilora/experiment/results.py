@@ -182,13 +182,13 @@ def merged_models(cfg: ExperimentConfig) -> dict[str, str | Callable[[str], str]
     models = {m: f"merge/{m}" for m in cfg.merge.methods}
     for method in (["ilora"] if cfg.merge.iterative else []) + list(cfg.merge.iterative_methods):
         models[f"{method} (iterative)"] = iterative_name(method, games, len(games))
-    if cfg.refit.steps_share > 0:
+    if cfg.refit.enabled:
         models.update({f"{m} of refit adapters": f"merge-refit/{m}" for m in cfg.refit.methods})
     if cfg.continual.enabled:
         models.update({f"{m} of continual adapters": f"merge-continual/{m}" for m in cfg.continual.methods})
     models["joint multi-task LoRA"] = "joint"
     models["routed single-game adapters"] = own_routed
-    if cfg.refit.steps_share > 0:
+    if cfg.refit.enabled:
         models["refit single-game adapters"] = own_refit
     return models
 

@@ -28,8 +28,8 @@ from torch import nn
 
 from ilora.config import field, to_dict
 from ilora.errors import IloraError
-from ilora.fileio import atomic_dir, to_json
-from ilora.library.store import SkillLibrary, folder_sha256
+from ilora.fileio import atomic_dir, folder_sha256, to_json
+from ilora.library.store import SkillLibrary
 
 COMPOSE_RECORD = "compose_record.json"
 NEW_ADAPTER = "new_adapter"

@@ -46,7 +46,13 @@ from typing import Any
 
 from ilora.config import field, from_dict, to_dict
 from ilora.errors import IloraError
-from ilora.fileio import atomic_dir, atomic_write_text, file_sha256, to_json
+from ilora.fileio import (
+    atomic_dir,
+    atomic_write_text,
+    file_sha256,
+    folder_sha256,
+    to_json,
+)
 from ilora.models.adapter import ADAPTER_WEIGHTS
 
 LIBRARY_FILE = "library.json"
@@ -134,16 +140,6 @@ def merge_settings(method: str, options: dict[str, Any] | None = None, iterative
     if iterative and not accepts_merged:
         raise IloraError(f"--iterative: --method {method} takes LoRA adapters only, so it cannot fold skills in")
     return MergeSettings(method, options, accepts_merged if iterative is None else iterative)
-
-
-def folder_sha256(folder: Path) -> str:
-    """SHA-256 over a folder's files: each relative path and its content's sha256, in sorted order."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
 
 
 def _now() -> str:
@@ -523,7 +519,12 @@ class SkillLibrary:
         from ilora.merge.grams import load_grams
         from ilora.merge.io import LoraAdapter
         from ilora.merge.registry import method_class
-        from ilora.models.adapter import ADAPTER_CONFIG, check_lora_adapter, check_modules_fit, read_json_object
+        from ilora.models.adapter import (
+            ADAPTER_CONFIG,
+            check_lora_adapter,
+            check_modules_fit,
+            read_json_object,
+        )
         from ilora.models.load import model_weight_shapes, resolve_model_path
 
         if not SKILL_NAME.fullmatch(name):
