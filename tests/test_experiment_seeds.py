@@ -13,7 +13,7 @@ from ilora.config import load_yaml
 from ilora.errors import IloraError
 from ilora.experiment import stats
 from ilora.experiment.config import ExperimentConfig
-from ilora.experiment.pipeline import replicate_configs, run_experiment
+from ilora.experiment.pipeline import Experiment, replicate_configs, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +87,41 @@ def test_quick_config_over_two_seeds_reports_per_seed_and_averaged_cells(tmp_pat
             value = cells[key]
             assert value["value"] is None or value["low"] <= value["value"] <= value["high"]
     assert (tmp_path / "report" / "retention.png").stat().st_size > 1000
+
+
+SLIM = ["adapters.routed=false", "adapters.joint=false", "merge.methods=[]", "merge.iterative=false",
+        "merge.keep_sweep=[]", "merge.orders=[]", "ablations.games=[]", "ablations.variants={}",
+        "refit.steps_share=0"]
+
+
+def test_without_routed_adapters_the_settings_that_read_them_are_refused():
+    with pytest.raises(IloraError, match=r"adapters.routed = false: merge.methods needs every game's routed adapter"):
+        load_yaml(ExperimentConfig, ROOT / "configs" / "quick.yaml", ["adapters.routed=false"])
+    with pytest.raises(IloraError, match="refit.steps_share"):
+        load_yaml(ExperimentConfig, ROOT / "configs" / "quick.yaml", [*SLIM, "refit.steps_share=0.5"])
+
+
+def test_the_headline_seeds_config_trains_plain_and_continual_adapters_only():
+    """configs/seeds.yaml: each game's plain adapter (the denominators) and the continual chain,
+    whose first link is the first game's routed adapter; no joint, Grams or interference stages."""
+    config = load_yaml(ExperimentConfig, ROOT / "configs" / "seeds.yaml")
+    experiment = Experiment(replicate_configs(config)[0])
+    games = config.games
+    trained = [spec.name for spec in experiment.training_jobs()]
+    assert trained == [*[f"plain/{g}" for g in games], f"routed/{games[0]}", *[f"continual/{g}" for g in games[1:]]]
+    stages = {job.key for job in experiment.jobs()}
+    assert not {s for s in stages if s.startswith(("grams/", "analysis/interference", "merge/", "iter", "train/joint"))}
+    assert {f"merge-continual/{m}" for m in config.continual.methods} <= stages
+    full = load_yaml(ExperimentConfig, ROOT / "configs" / "seeds_full.yaml")
+    assert set(trained) < {spec.name for spec in Experiment(replicate_configs(full)[0]).training_jobs()}
+
+
+@pytest.mark.slow
+def test_quick_config_without_routed_or_joint_adapters_reports_the_continual_merges(tmp_path):
+    config = load_yaml(ExperimentConfig, ROOT / "configs" / "quick.yaml", [f"run_dir={tmp_path}", "seeds=[0]", *SLIM])
+    run_experiment(config, log=lambda *_: None)
+    seed = tmp_path / "seed-0"
+    assert not (seed / "train" / "joint").exists() and not (seed / "train" / "routed" / config.games[1]).exists()
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert set(summary["methods"]) == {f"{m} of continual adapters" for m in config.continual.methods}
+    assert "routed" not in " ".join(f for failures in summary["bar"].values() for f in map(str, failures))

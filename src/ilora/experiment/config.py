@@ -53,6 +53,19 @@ class TrainSettings:
 
 
 @dataclasses.dataclass
+class AdapterSettings:
+    """Which adapter families the experiment trains besides each game's plain (single-task) adapter,
+    every retention's denominator."""
+
+    routed: bool = field(
+        True,
+        help="every game's routed adapter (false: only the first game's, when continual routing builds on it); the "
+        "merges of routed adapters, refit, the ablation pair and the interference analysis need them all",
+    )
+    joint: bool = field(True, help="the joint multi-task LoRA baseline (steps: train.joint_steps_factor)")
+
+
+@dataclasses.dataclass
 class AblationSettings:
     """Loss ablations and the ε sweep, run on a pair of games and merged with I-LoRA."""
 
@@ -177,6 +190,7 @@ class ExperimentConfig:
     base: str = field("builtin", help="base VLM: 'builtin' (shipped tiny base), a folder or a hub id")
     data: DataSettings = field(default_factory=DataSettings, help="expert and general data")
     train: TrainSettings = field(default_factory=TrainSettings, help="adapter training")
+    adapters: AdapterSettings = field(default_factory=AdapterSettings, help="adapter families trained")
     ablations: AblationSettings = field(default_factory=AblationSettings, help="loss ablations / ε sweep")
     merge: MergeSettings = field(default_factory=MergeSettings, help="merges")
     refit: RefitSettings = field(default_factory=RefitSettings, help="leak-aware refit of the routed adapters")
@@ -187,6 +201,21 @@ class ExperimentConfig:
         """``ablations.games`` when it is a pair of two of ``games``, else ``[]`` (no ablation pair is merged)."""
         pair = list(self.ablations.games)
         return pair if len(set(pair)) == 2 == len(pair) and set(pair) <= set(self.games) else []
+
+    def routed_consumers(self) -> dict[str, bool]:
+        """Key -> whether that setting reads every game's routed adapter."""
+        m = self.merge
+        return {
+            "merge.methods": bool(m.methods), "merge.iterative": m.iterative, "merge.iterative_methods": bool(m.iterative_methods),
+            "merge.keep_sweep": any(k != m.keep for k in m.keep_sweep), "merge.orders": bool(m.orders),
+            "refit.steps_share": self.refit.enabled, "ablations.games": bool(self.ablation_pair()),
+        }
+
+    def routed_games(self) -> list[str]:
+        """Games whose routed adapter is trained: all, or only the first when continual routing alone needs one."""
+        if self.adapters.routed:
+            return list(self.games)
+        return list(self.games[:1]) if self.continual.enabled else []
 
     def __post_init__(self) -> None:
         """Refuse game lists the stages could not honour (each message names the key)."""
@@ -201,5 +230,9 @@ class ExperimentConfig:
         for order in self.merge.orders:
             if sorted(order) != sorted(games):
                 raise IloraError(f"merge.orders: {list(order)} is not an order of games {games}")
+        if not self.adapters.routed:
+            for key, uses in self.routed_consumers().items():
+                if uses:
+                    raise IloraError(f"adapters.routed = false: {key} needs every game's routed adapter")
         if self.train.max_steps < 1 or self.train.batch_size < 1:
             raise IloraError(f"train.max_steps = {self.train.max_steps}, train.batch_size = {self.train.batch_size}: both must be >= 1")

@@ -286,9 +286,9 @@ class Experiment:
         routed_weights = {"eps_kl": t.eps_kl, "eps_norm": t.eps_norm}
         factor = len(self.cfg.games) if t.joint_steps_factor is None else t.joint_steps_factor
         games = tuple(self.cfg.games)
-        jobs = [AdapterSpec("joint", games, PLAIN, int(t.max_steps * factor))]
-        for game in games:
-            jobs += [AdapterSpec(f"plain/{game}", (game,), PLAIN), AdapterSpec(f"routed/{game}", (game,), routed_weights)]
+        jobs = [AdapterSpec("joint", games, PLAIN, int(t.max_steps * factor))] if self.cfg.adapters.joint else []
+        jobs += [AdapterSpec(f"plain/{game}", (game,), PLAIN) for game in games]
+        jobs += [AdapterSpec(f"routed/{game}", (game,), routed_weights) for game in self.cfg.routed_games()]
         for variant, weights in self.cfg.ablations.variants.items():
             jobs += [AdapterSpec(f"ablation/{variant}/{g}", (g,), {**PLAIN, **weights}) for g in self.cfg.ablations.games]
         if self.cfg.refit.enabled:
@@ -516,13 +516,14 @@ class Experiment:
             deps = data + (() if name == "base" else (self.stage_of(name),))
             cost = episodes * episode_steps * AGENT_STEP_SECONDS
             jobs.append(Job(f"eval/{name}", "evaluate", (name, played), deps, tier=3, cost=cost))
-        for kind in ("plain", "routed"):
+        for kind in ("plain", "routed") if self.cfg.routed_games() else ("plain",):
             deps = (f"train/{kind}/{games[0]}", *data)
             jobs.append(Job(f"analysis/{kind}/{games[0]}", "analyze", (kind,), deps, tier=4, cost=5, local=True))
-        grams_cost = 2 * self.cfg.merge.grams_rows * GENERAL_ROW_SECONDS
-        jobs += [Job(f"grams/{g}", "grams", (g,), (f"train/routed/{g}", *data), tier=2, cost=grams_cost) for g in games]
-        deps = (*[f"grams/{g}" for g in games], *[self.stage_of(m) for m in self.final_merges()])
-        jobs.append(Job("analysis/interference", "analyze_interference", (), deps, tier=4, cost=5, local=True))
+        if self.cfg.adapters.routed:  # the Grams and the interference of every game's routed adapter
+            grams_cost = 2 * self.cfg.merge.grams_rows * GENERAL_ROW_SECONDS
+            jobs += [Job(f"grams/{g}", "grams", (g,), (f"train/routed/{g}", *data), tier=2, cost=grams_cost) for g in games]
+            deps = (*[f"grams/{g}" for g in games], *[self.stage_of(m) for m in self.final_merges()])
+            jobs.append(Job("analysis/interference", "analyze_interference", (), deps, tier=4, cost=5, local=True))
         return jobs
 
     def _call(self, job: Job) -> None:

@@ -220,7 +220,8 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
 
     # Table 2: routed vs single-task.
     md += ["## 2. Routing-tuned vs single-task (paper Table 2)", "",
-           table(["", *games, "mean"], [retention_row(res, "routed / single-task", own_adapter("routed"), games, scored)]), ""]
+           table(["", *games, "mean"], [retention_row(res, "routed / single-task", own_adapter("routed"), games, scored)])
+           if cfg.adapters.routed else "This run trains a routed adapter for the first game only (`adapters.routed: false`).", ""]
 
     # Forgetting: each single-game adapter played on the other games.
     rows = []

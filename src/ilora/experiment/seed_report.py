@@ -4,7 +4,7 @@ Each replicate (``run_dir/seed-<s>``) has its own report; this one reads their r
 gives, per model and game, the mean over seeds of the per-seed score, retention and
 expert-normalised score, with 95% intervals from resampling seeds and then episodes
 (:mod:`ilora.experiment.stats`). A game's retention in a seed counts only where that seed's
-single-task and routed agents meet the bar (:meth:`Results.bar_failures`). A method is
+single-task and routed agents (where trained) meet the bar (:meth:`Results.bar_failures`). A method is
 called best only where the paired interval of its lead over the runner-up excludes 0.
 """
 
@@ -40,7 +40,7 @@ def write_seed_report(config: ExperimentConfig, experiments: Sequence[Any], out:
           f"(`seed-<s>/report/REPORT.md`). Every cell is the mean over seeds of the per-seed value, with a 95% "
           f"interval from resampling seeds, then episodes within each seed ({stats.DRAWS} draws). Retention is "
           "`(model - random) / (single-task - random)` per seed; a seed's retention on a game counts only where that "
-          "seed's single-task and routed agents meet the bar. The expert-normalised score `(model - random) / "
+          "seed's single-task and routed agents (where trained) meet the bar. The expert-normalised score `(model - random) / "
           "(expert - random)` needs no single-task denominator.", ""]
 
     md += ["## The bar per seed", "",
@@ -69,7 +69,7 @@ def write_seed_report(config: ExperimentConfig, experiments: Sequence[Any], out:
             "retention": {g: per_game[g].as_dict() for g in games}, "mean": mean.as_dict(), "min": low.as_dict(),
             "normalised_mean": norm.as_dict(), "general": None if math.isnan(general) else general, "keeps_every_game": keeps,
         }
-    md += ["## Retention after merging the routed adapters of all games", "",
+    md += ["## Retention after merging the adapters of all games", "",
            table(["method", *games, "mean", "min over games", "expert-normalised (mean)", "general acc.",
                   f"keeps every game (mean >= {KEEP_MEAN:g}, min >= {KEEP_MIN:g}, general acc. >= base - "
                   f"{GENERAL_TOLERANCE:g})"], rows), "",
