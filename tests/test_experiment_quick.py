@@ -136,8 +136,9 @@ def test_a_forced_stage_is_redone_by_the_workers_with_exactly_what_reads_it(quic
     merges += ["merge-refit/sum", "merge-continual/sum"]
     refits = [f"train/refit/{g}" for g in config.games] + [f"eval/refit/{g}" for g in config.games]
     refits += [f"train/continual/{g}" for g in config.games[1:]]
+    readers = ["tuned-merge", "eval/tuned-merge", *[f"eval/select/{rule}" for rule in config.selection.rules]]
     expected = {"train/routed/Pong", "eval/routed/Pong", "analysis/routed/Pong", "grams/Pong", "analysis/interference",
-                "report", *merges, *[f"eval/{m}" for m in merges], *refits}
+                "report", *merges, *[f"eval/{m}" for m in merges], *refits, *readers}
     assert forced.runner.redone == expected
     record = json.loads((run_dir / "train" / "routed" / "Pong" / "stage.json").read_text())
     assert record["fingerprint"] == forced.runner.fingerprint("train/routed/Pong")
@@ -179,3 +180,26 @@ def test_continual_adapters_are_trained_on_the_earlier_games_adapters(quick_run)
     assert "sum of continual adapters" in report.read_text()
     recorded = json.loads((run_dir / "train" / "routed" / config.games[0] / "adapter" / "prompt_settings.json").read_text())
     assert recorded["games"] == [config.games[0]] and recorded["object_text"] == config.data.object_text
+
+
+def test_selection_rules_and_the_tuned_merge_sit_beside_the_merges(quick_run):
+    """Each rule plays every game with the routed adapters side by side; the oracle always picks the
+    game's own adapter; the tuned merge records its whole search and is played like the others."""
+    config, run_dir, report = quick_run
+    text = report.read_text()
+    for rule in config.selection.rules:
+        result = json.loads((run_dir / "eval" / "select" / rule / "stage.json").read_text())["result"]
+        assert set(result["play"]) == set(config.games)
+        assert result["selection"]["rule"] == rule and result["selection"]["cost_ratio"] > 0
+        assert f"skill chosen per input: {rule}" in text
+    oracle = json.loads((run_dir / "eval" / "select" / "oracle" / "stage.json").read_text())["result"]
+    assert oracle["selection"]["accuracy"] == 1.0
+    assert all(set(k for k, v in oracle["chosen"][g].items() if v) == {g} for g in config.games)
+    search = config.tuned_merge.search
+    tuned = json.loads((run_dir / "tuned-merge" / "stage.json").read_text())["result"]
+    assert tuned["trials"] == search.trials * len(search.strategies)
+    for strategy in search.strategies:
+        lines = (run_dir / "tuned-merge" / "search" / f"trials-{strategy}.jsonl").read_text().splitlines()
+        assert len(lines) == search.trials
+    assert tuned["objective"] >= tuned["default_objective"]  # trial 0 is the default setting
+    assert "### Merge tuned by reward" in text and "merge tuned by reward" in text

@@ -6,6 +6,8 @@ import dataclasses
 
 from ilora.config import field
 from ilora.errors import IloraError
+from ilora.experiment.tune_merge import TuneSettings
+from ilora.routing.select import SELECTION_RULES, GateConfig
 
 DEFAULT_GAMES = ["Pong", "Breakout", "Freeway", "Boxing"]
 
@@ -147,6 +149,40 @@ class ContinualSettings:
 
 
 @dataclasses.dataclass
+class SelectionSettings:
+    """Skills chosen per input (off by default): every game's routed adapter loaded side by side as
+    PEFT adapters and one chosen per step by a rule, no merge (``ilora.routing.select``). Each rule
+    plays every game; its accuracy at picking the game's own adapter and its cost per decision
+    against a merged model's are measured on the held-out rows the report scores agreement on."""
+
+    rules: list[str] = field(
+        default_factory=list,
+        help="norm: the loudest adapter by its own LoRA output norm on the prompt (no training); gate: a classifier "
+        "on the base's features; oracle: the game's own adapter",
+    )
+    gate_rows: int = field(64, help="validation rows of each game the gate is trained on (held-out rows the report does not score)")
+    gate: GateConfig = field(default_factory=GateConfig, help="how the gate is trained")
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.rules if r not in SELECTION_RULES]
+        if bad or len(set(self.rules)) != len(self.rules):
+            raise IloraError(f"selection.rules = {self.rules}: expected distinct values among {', '.join(SELECTION_RULES)}")
+        if self.gate_rows < 1:
+            raise IloraError(f"selection.gate_rows = {self.gate_rows}: must be >= 1")
+
+
+@dataclasses.dataclass
+class TunedMergeSettings:
+    """A merge of the routed adapters whose method, options and per-game weights are searched by a
+    cheap reward on validation rows (``ilora tune-merge``; off by default): held-out rows the report
+    does not score, and general rows, never the evaluation episodes. The best setting is merged
+    and played like the untuned methods."""
+
+    enabled: bool = field(False, help="search, merge with the best setting, play it")
+    search: TuneSettings = field(default_factory=TuneSettings, help="the search (ilora tune-merge's settings)")
+
+
+@dataclasses.dataclass
 class EvalSettings:
     """Playing and scoring."""
 
@@ -195,6 +231,8 @@ class ExperimentConfig:
     merge: MergeSettings = field(default_factory=MergeSettings, help="merges")
     refit: RefitSettings = field(default_factory=RefitSettings, help="leak-aware refit of the routed adapters")
     continual: ContinualSettings = field(default_factory=ContinualSettings, help="continual routing, one game at a time")
+    selection: SelectionSettings = field(default_factory=SelectionSettings, help="skills chosen per input")
+    tuned_merge: TunedMergeSettings = field(default_factory=TunedMergeSettings, help="a merge tuned by reward")
     eval: EvalSettings = field(default_factory=EvalSettings, help="play and scoring")
 
     def ablation_pair(self) -> list[str]:
@@ -209,6 +247,7 @@ class ExperimentConfig:
             "merge.methods": bool(m.methods), "merge.iterative": m.iterative, "merge.iterative_methods": bool(m.iterative_methods),
             "merge.keep_sweep": any(k != m.keep for k in m.keep_sweep), "merge.orders": bool(m.orders),
             "refit.steps_share": self.refit.enabled, "ablations.games": bool(self.ablation_pair()),
+            "selection.rules": bool(self.selection.rules), "tuned_merge.enabled": self.tuned_merge.enabled,
         }
 
     def routed_games(self) -> list[str]:

@@ -150,7 +150,7 @@ def evaluate_model(
     """
     from ilora.atari.agent import VLMAgent
     from ilora.general.benchmark import score_general
-    from ilora.models.load import load_vlm_merged
+    from ilora.merge.export import load_vlm_merged
     from ilora.models.predict import generate_answers
 
     model, processor = load_vlm_merged(base_path, spec.adapter, spec.merged, cfg.train.dtype, resolve_device(cfg.device))
@@ -168,5 +168,53 @@ def evaluate_model(
         out["margin"][game] = {k: v for k, v in answer_margins(agent, heldout[game], e.agreement_rows).items() if k != "margins"}
     scores = score_general(lambda batch: generate_answers(model, processor, batch), general)
     out["general"] = scores["overall"]
+    (folder / "scores.json").write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+def evaluate_selection(
+    base_path: str,
+    adapters: dict[str, Path],
+    rule: str,
+    cfg: ExperimentConfig,
+    folder: Path,
+    heldout: dict[str, Any],
+    gate_rows: dict[str, list[dict]] | None = None,
+) -> dict:
+    """Play every game with a skill chosen per step by ``rule`` among ``adapters`` (game -> routed
+    adapter), and measure the rule on held-out rows.
+
+    Args:
+        base_path: the base model.
+        adapters: game -> routed adapter folder (the skills, named after their games).
+        rule: ``norm``, ``gate`` or ``oracle`` (:mod:`ilora.routing.select`).
+        cfg: the experiment's settings (play, prompt, dtype, device, the gate's training).
+        folder: where the play results go.
+        heldout: game -> held-out rows; the first ``eval.agreement_rows`` measure the rule.
+        gate_rows: game -> rows the gate is trained on (``gate`` only; apart from those measured).
+
+    Returns:
+        ``{"play": {game: summary}, "chosen": {game: {skill: decisions}}, "seconds_per_decision":
+        {game: seconds}, "selection": selection_accuracy's result}``.
+    """
+    from ilora.routing.select import SkillPolicy, SkillSelector, selection_accuracy
+
+    e, device = cfg.eval, resolve_device(cfg.device)
+    games = list(adapters)
+    accuracy = selection_accuracy(
+        base_path, adapters, heldout, rule, gate_rows=gate_rows, gate=cfg.selection.gate,
+        rows_per_game=e.agreement_rows, batch_size=e.n_envs, dtype=cfg.train.dtype, device=device,
+    )
+    selector = SkillSelector.load(base_path, adapters, rule, object_text=cfg.data.object_text, dtype=cfg.train.dtype,
+                                  device=device)
+    if rule == "gate":
+        selector.fit_gate(gate_rows, cfg.selection.gate, batch_size=e.n_envs)  # the gate measured above
+    out: dict[str, Any] = {"play": {}, "chosen": {}, "seconds_per_decision": {}, "selection": accuracy}
+    for game in games:
+        policy = SkillPolicy(selector, game)
+        out["play"][game] = play(policy, game, e, cfg.seed, folder, game)
+        out["chosen"][game] = policy.chosen
+        out["seconds_per_decision"][game] = policy.seconds / max(1, sum(policy.chosen.values()))
+    selector.remove_hooks()
     (folder / "scores.json").write_text(json.dumps(out, indent=1, default=str))
     return out

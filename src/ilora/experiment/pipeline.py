@@ -42,7 +42,9 @@ from ilora.experiment.schedule import (
     GENERAL_ROW_SECONDS,
     ROUTED_COST_FACTOR,
     SCRIPTED_STEP_SECONDS,
+    SELECTION_COST_FACTOR,
     TRAIN_ROW_SECONDS,
+    TRIAL_ROW_SECONDS,
     Job,
     Schedule,
 )
@@ -276,6 +278,64 @@ class Experiment:
         self.stage(f"grams/{game}", {"rows": n}, run, deps)
         self.models[f"grams/{game}"] = ModelSpec(adapter=self.runner.folder(f"grams/{game}") / "adapter")
 
+    def validation_rows(self, game: str, n: int) -> list[dict]:
+        """``n`` held-out rows of ``game`` after those the report scores agreement and margins on:
+        what the gate and the tuned merge are fitted on, apart from every reported number."""
+        rows, start = self.load_rows(f"data/{game}", "heldout"), self.cfg.eval.agreement_rows
+        if len(rows) < start + n:
+            raise IloraError(f"data/{game}: {len(rows)} held-out rows; validation needs {start + n} "
+                             f"(eval.agreement_rows {start} scored + {n}): collect more data.heldout_episodes")
+        return [rows[i] for i in range(start, start + n)]
+
+    def routed_adapters(self) -> dict[str, Path]:
+        """Game -> its routed adapter folder, for every game (registered from their stages)."""
+        for game in self.cfg.games:
+            self.ensure(f"routed/{game}")
+        return {g: self.models[f"routed/{g}"].adapter for g in self.cfg.games}
+
+    def tuned_merge(self) -> None:
+        """The routed adapters merged with the setting a search found best by its reward on
+        validation rows (stage ``tuned-merge``: ``search/`` holds every trial, ``state/`` the merge)."""
+        from ilora.experiment.tune_merge import tune_merge
+        from ilora.merge import merge_adapters
+
+        search, games = self.cfg.tuned_merge.search, list(self.cfg.games)
+        adapters = self.routed_adapters()
+
+        def run(folder: Path):
+            rows = {g: self.validation_rows(g, search.rows) for g in games}
+            general = head(self.load_rows("data/general", "train"), search.general_rows)
+            best = tune_merge([str(adapters[g]) for g in games], self.base_path, rows, folder / "search", search,
+                              general=general, progress=False)
+            merge_adapters([str(adapters[g]) for g in games], best.method, base=self.base_path, out=folder / "state",
+                           progress=False, **best.options)
+            return {"method": best.method, "options": best.options, "objective": best.objective,
+                    "default_objective": best.default_objective, "strategy": best.strategy, "trial": best.trial,
+                    "trials": search.trials * len(search.strategies), "best_per_strategy": best.best_per_strategy}
+
+        deps = ["base", "data/general", *[f"data/{g}" for g in games], *[f"train/routed/{g}" for g in games]]
+        settings = {"search": search, "validation_from": self.cfg.eval.agreement_rows}
+        self.stage("tuned-merge", settings, run, deps)
+        self.models["tuned-merge"] = ModelSpec(merged=self.runner.folder("tuned-merge") / "state")
+
+    def evaluate_selection(self, rule: str) -> None:
+        """Play every game with a skill chosen per step by ``rule`` among the routed adapters
+        (stage ``eval/select/<rule>``), with the rule's pick accuracy and cost on held-out rows."""
+        from ilora.experiment.evaluation import evaluate_selection
+
+        s, games = self.cfg.selection, list(self.cfg.games)
+        adapters = self.routed_adapters()
+
+        def run(folder: Path):
+            gate_rows = {g: self.validation_rows(g, s.gate_rows) for g in games} if rule == "gate" else None
+            heldout = {g: self.load_rows(f"data/{g}", "heldout") for g in games}
+            return evaluate_selection(self.base_path, adapters, rule, self.cfg, folder, heldout, gate_rows)
+
+        deps = ["base", *[f"data/{g}" for g in games], *[f"train/routed/{g}" for g in games]]
+        settings = {"eval": self.eval_settings(own_game=False), "rule": rule, "seed": self.cfg.seed,
+                    **({"gate": s.gate, "gate_rows": s.gate_rows} if rule == "gate" else {})}
+        self.stage(f"eval/select/{rule}", settings, run, deps)
+
     def stage_of(self, model: str) -> str:
         """The stage that produced a model: ``train/<name>`` for an adapter, the merge's own name otherwise."""
         return f"train/{model}" if model in {spec.name for spec in self.training_jobs()} else model
@@ -364,6 +424,8 @@ class Experiment:
                 return self.train(spec)
         if model.startswith("grams/"):
             return self.grams(model.removeprefix("grams/"))
+        if model == "tuned-merge":
+            return self.tuned_merge()
         for name, inputs, method, options in self.merge_jobs():
             if name == model:
                 for source in inputs:
@@ -377,7 +439,8 @@ class Experiment:
         games = list(self.cfg.games)
         pair = self.cfg.ablation_pair()
         plan: dict[str, list[str]] = {"base": games}
-        for name in [spec.name for spec in self.training_jobs()] + [job[0] for job in self.merge_jobs()]:
+        tuned = ["tuned-merge"] if self.cfg.tuned_merge.enabled else []
+        for name in [spec.name for spec in self.training_jobs()] + [job[0] for job in self.merge_jobs()] + tuned:
             if name.startswith("continual/"):
                 continue  # each acts with the earlier ones: played in their merges only
             if name.startswith(("ablation/", "ablation-merge/")):
@@ -519,6 +582,14 @@ class Experiment:
         for kind in ("plain", "routed") if self.cfg.routed_games() else ("plain",):
             deps = (f"train/{kind}/{games[0]}", *data)
             jobs.append(Job(f"analysis/{kind}/{games[0]}", "analyze", (kind,), deps, tier=4, cost=5, local=True))
+        routed = tuple(f"train/routed/{g}" for g in games)
+        if self.cfg.tuned_merge.enabled:
+            search = self.cfg.tuned_merge.search
+            cost = search.trials * len(search.strategies) * len(games) * search.rows * TRIAL_ROW_SECONDS
+            jobs.append(Job("tuned-merge", "tuned_merge", (), (*routed, *data), tier=2, cost=cost))
+        for rule in self.cfg.selection.rules:
+            cost = len(games) * e.episodes * episode_steps * AGENT_STEP_SECONDS * SELECTION_COST_FACTOR
+            jobs.append(Job(f"eval/select/{rule}", "evaluate_selection", (rule,), (*routed, *data), tier=3, cost=cost))
         if self.cfg.adapters.routed:  # the Grams and the interference of every game's routed adapter
             grams_cost = 2 * self.cfg.merge.grams_rows * GENERAL_ROW_SECONDS
             jobs += [Job(f"grams/{g}", "grams", (g,), (f"train/routed/{g}", *data), tier=2, cost=grams_cost) for g in games]

@@ -178,6 +178,40 @@ def interference_section(experiment, res: Results, models: dict, games: list[str
     return md
 
 
+def selection_section(experiment, res: Results, games: list[str]) -> list[str]:
+    """The per-input selection rules (pick accuracy, cost per decision against the merged model's,
+    which skill acted in play) and the merge tuned by reward (its setting and search budget)."""
+    cfg, md = res.cfg, []
+    rows = []
+    for rule in cfg.selection.rules:
+        r = res.evals(f"select/{rule}")
+        if not r:
+            continue
+        sel = r["selection"]
+        acted = [f"{g}: {fmt(r['chosen'][g].get(g, 0) / max(1, sum(r['chosen'][g].values())))}" for g in games]
+        rows.append([rule, fmt(sel["accuracy"]), f"{sel['cost_ratio']:.2f}x", ", ".join(acted)])
+    if rows:
+        md += ["### Skills chosen per input", "",
+               "Every game's routed adapter loaded side by side, one chosen per step (no merge); the rows above name "
+               "each rule's retention. Pick accuracy: share of the held-out rows the report scores agreement on "
+               "where the rule picks the row's own game's adapter; cost: seconds per decision against a merged "
+               "model's on those rows; in play: share of decisions taken by the game's own adapter.", "",
+               table(["rule", "pick accuracy", "cost per decision vs merged", "own adapter acted in play"], rows), ""]
+    if cfg.tuned_merge.enabled:
+        try:
+            t = experiment.runner.result("tuned-merge")
+        except (KeyError, FileNotFoundError):
+            return md
+        options = ", ".join(f"{k}={v}" for k, v in t["options"].items()) or "defaults"
+        md += ["### Merge tuned by reward", "",
+               f"{t['trials']} trials ({', '.join(cfg.tuned_merge.search.strategies)}, objective: the "
+               f"{cfg.tuned_merge.search.objective} over games and general accuracy of a cheap reward on validation rows, "
+               f"apart from every scored row and episode): best `{t['method']}` ({options}) from {t['strategy']} trial "
+               f"{t['trial']}, reward {fmt(t['objective'], 3)} against {fmt(t['default_objective'], 3)} for the default "
+               "setting (trial 0). Its row above is played like the untuned merges.", ""]
+    return md
+
+
 def write_report(experiment, folder: Path) -> dict[str, Any]:
     """Write ``REPORT.md``, ``summary.json`` and the PNGs into ``folder``; print the summary table."""
     res = Results(experiment)
@@ -266,6 +300,7 @@ def write_report(experiment, folder: Path) -> dict[str, Any]:
     md += [f"Single-task denominators whose 95% CI reaches within {NEAR_RANDOM:g} of the expert-random gap above "
            f"random (their retentions are noisy): {', '.join(near) }.", ""] if (near := near_random(res, games)) else []
     plot_retention(folder / "retention.png", sr, models, games)
+    md += selection_section(experiment, res, games)
     md += interference_section(experiment, res, models, games, folder)
     md += ["![retention](retention.png)", "", "Paper, for reference (other games, a 7B model):", "",
            table(["", *PAPER_RETENTION["I-LoRA (paper)"]],

@@ -176,9 +176,9 @@ def _missing(picks: np.ndarray) -> stats.Estimate:
 
 
 def merged_models(cfg: ExperimentConfig) -> dict[str, str | Callable[[str], str]]:
-    """Label -> model of every merge of all the routed adapters (one-shot and iterative) and of
-    the refit ones, then the references they are compared with (each game's own routed or refit
-    adapter)."""
+    """Label -> model of every merge of all the routed adapters (one-shot, iterative, tuned) and
+    of the refit and continual ones, the selection rules, then the references they are compared
+    with (the joint adapter, each game's own routed or refit adapter)."""
     games = list(cfg.games)
     models = {m: f"merge/{m}" for m in cfg.merge.methods}
     for method in (["ilora"] if cfg.merge.iterative else []) + list(cfg.merge.iterative_methods):
@@ -187,6 +187,9 @@ def merged_models(cfg: ExperimentConfig) -> dict[str, str | Callable[[str], str]
         models.update({f"{m} of refit adapters": f"merge-refit/{m}" for m in cfg.refit.methods})
     if cfg.continual.enabled:
         models.update({f"{m} of continual adapters": f"merge-continual/{m}" for m in cfg.continual.methods})
+    if cfg.tuned_merge.enabled:
+        models["merge tuned by reward"] = "tuned-merge"
+    models.update({f"skill chosen per input: {rule}": f"select/{rule}" for rule in cfg.selection.rules})
     if cfg.adapters.joint:
         models["joint multi-task LoRA"] = "joint"
     if cfg.adapters.routed:

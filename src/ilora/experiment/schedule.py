@@ -25,6 +25,10 @@ ROUTED_COST_FACTOR = 2.2
 AGENT_STEP_SECONDS = 0.011
 SCRIPTED_STEP_SECONDS = 0.0015
 GENERAL_ROW_SECONDS = 0.006
+# Not yet measured on the default run (estimates from the agent's step cost): a tuned-merge trial
+# scores each game's validation rows under the merge and a selection rule probes every adapter.
+TRIAL_ROW_SECONDS = 0.01
+SELECTION_COST_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
