@@ -131,11 +131,12 @@ def main() -> None:
     import torch
 
     from ilora.atari.agent import VLMAgent, load_agent
+    from ilora.base.pretrain import tokenizer_corpus
     from ilora.models.tiny import build_tiny_vlm
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(build_tiny_vlm(os.path.join(tmp, "tiny-vlm"), seed=0))
+        model = args.model or str(build_tiny_vlm(os.path.join(tmp, "tiny-vlm"), seed=0, corpus=tokenizer_corpus()))
         agent = load_agent(
             model, args.game, device=args.device, mode=args.mode, object_text=args.object_text, max_new_tokens=args.answer_tokens,
             generation_options={"min_new_tokens": args.answer_tokens} if args.mode == "generate" else None,

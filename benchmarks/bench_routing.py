@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from routing_helpers import make_rows  # noqa: E402
 
+from ilora.base.pretrain import tokenizer_corpus  # noqa: E402
 from ilora.models.load import load_vlm  # noqa: E402
 from ilora.models.tiny import TinyVLMConfig, build_tiny_vlm  # noqa: E402
 from ilora.routing.collator import RoutingCollator  # noqa: E402
@@ -164,7 +165,7 @@ def main() -> None:
         for name in args.sizes.split(","):
             model_dir = (args.models or Path(tmp)) / name
             if not model_dir.is_dir():
-                build_tiny_vlm(model_dir, SIZES[name], seed=0)
+                build_tiny_vlm(model_dir, SIZES[name], seed=0, corpus=tokenizer_corpus())
             times, memory, params = measure(model_dir, args.device, args.task, args.general, args.steps, Path(tmp))
             print(
                 f"{name:>6} {params / 1e6:7.2f}M {times['plain']:13.4f} {times['routed']:14.4f} "

@@ -13,9 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory):
     """A tiny LLaVA-style VLM (SigLIP tower, projector, Qwen2 LM) saved as a HF folder."""
+    from ilora.base.pretrain import tokenizer_corpus
     from ilora.models.tiny import build_tiny_vlm
 
-    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-vlm", seed=0)
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-vlm", seed=0, corpus=tokenizer_corpus())
 
 
 @pytest.fixture(scope="session")

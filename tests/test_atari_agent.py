@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from atari_helpers import spread_observations
 from torch import nn
 
 from ilora.atari import evaluate
-from ilora.atari.agent import AgentDecision, VLMAgent, left_padded_positions
+from ilora.atari.agent import AgentDecision, VLMAgent
 from ilora.atari.envs import TwoFrameEnv
 from ilora.atari.evaluate import EpisodeRecord, play_episodes, summarize
 from ilora.atari.games import get_game
@@ -135,7 +136,7 @@ def test_score_mode_is_the_exact_answer_likelihood_under_left_padding(tiny_vlm):
 def _force_answer(model, token_chain, strength=40.0):
     """A forward hook that makes ``model`` confident in one answer: after token ``t`` of the chain,
     the next chain token gets ``+strength`` logits. Returns the hook handle."""
-    follow = dict(zip(token_chain[:-1], token_chain[1:]))
+    follow = dict(itertools.pairwise(token_chain))
 
     def hook(module, args, kwargs, output):
         ids = kwargs["input_ids"][:, -output.logits.shape[1] :]
@@ -165,11 +166,6 @@ def test_score_mode_equals_greedy_direct_answer_when_confident(tiny_vlm):
             handle.remove()
         assert [d.action for d in generated] == [name] * 2 and all(d.valid for d in generated)
         assert [d.action for d in scored] == [d.action for d in generated]
-
-
-def test_left_padded_positions():
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert left_padded_positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 def test_agent_rejects_bad_options(tiny_vlm):

@@ -9,12 +9,13 @@ import pytest
 import torch
 from atari_helpers import spread_observations
 
-from ilora.atari import agent as agent_module
-from ilora.atari.agent import PromptPrefix, VLMAgent
+from ilora.atari.agent import VLMAgent
 from ilora.atari.collect import collect_dataset
 from ilora.atari.envs import TwoFrameEnv
 from ilora.atari.prompts import build_context, build_prompt, build_step_prompt
+from ilora.models import scoring
 from ilora.models.inputs import encode_row
+from ilora.models.scoring import PromptPrefix
 
 
 def _play(game: str, n: int, seed: int = 3) -> list:
@@ -73,9 +74,9 @@ def test_every_candidate_pass_gives_the_same_scores(tiny_vlm, monkeypatch, mask_
     if mask_kind == "float":  # eager attention takes the additive mask; on a copy, not the shared model
         model = copy.deepcopy(model)
         model.set_attn_implementation("eager")
-        assert agent_module._custom_mask_kind(model) == "float"
+        assert scoring.custom_mask_kind(model) == "float"
     else:
-        monkeypatch.setattr(agent_module, "_custom_mask_kind", lambda _: mask_kind)
+        monkeypatch.setattr(scoring, "custom_mask_kind", lambda _: mask_kind)
     agent = VLMAgent(model, processor, "Pong", object_text=True)
     torch.testing.assert_close(_scores(agent, observations), reference, atol=1e-4, rtol=0)
 

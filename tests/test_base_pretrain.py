@@ -10,7 +10,7 @@ import pytest
 from ilora.cli import main
 from ilora.config import load_yaml
 from ilora.models.load import builtin_base
-from ilora.models.pretrain import BaseConfig, pretrain_base
+from ilora.base.pretrain import BaseConfig, pretrain_base
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def test_spread_embeddings_separates_only_the_given_rows():
     import torch
 
     from ilora.models.load import load_vlm
-    from ilora.models.pretrain import action_token_ids, spread_embeddings
+    from ilora.base.pretrain import action_token_ids, spread_embeddings
 
     model, processor = load_vlm(builtin_base())
     ids = action_token_ids(processor.tokenizer)
@@ -103,7 +103,7 @@ def test_shipped_base_has_spread_action_embeddings():
     import torch
 
     from ilora.models.load import load_vlm
-    from ilora.models.pretrain import action_token_ids
+    from ilora.base.pretrain import action_token_ids
 
     model, processor = load_vlm(builtin_base())
     rows = model.get_input_embeddings().weight[action_token_ids(processor.tokenizer)].detach()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ilora.base.pretrain import tokenizer_corpus
 from ilora.errors import IloraError
 from ilora.models.inputs import (
     IGNORE_INDEX,
@@ -18,6 +19,7 @@ from ilora.models.inputs import (
     encode_rows,
 )
 from ilora.models.load import load_model, load_vlm, lora_target_modules
+from ilora.models.scoring import left_padded_positions
 from ilora.models.tiny import TinyVLMConfig, build_tiny_vlm
 
 
@@ -39,9 +41,10 @@ def test_build_save_reload_gives_identical_logits(tiny_vlm_dir, tiny_vlm):
 
 def test_build_is_deterministic_under_seed(tmp_path):
     cfg = TinyVLMConfig(vision_hidden=32, text_hidden=32, vocab_size=600)
-    m1, _ = load_vlm(build_tiny_vlm(tmp_path / "a", cfg, seed=3))
-    m2, _ = load_vlm(build_tiny_vlm(tmp_path / "b", cfg, seed=3))
-    m3, _ = load_vlm(build_tiny_vlm(tmp_path / "c", cfg, seed=4))
+    corpus = tokenizer_corpus()
+    m1, _ = load_vlm(build_tiny_vlm(tmp_path / "a", cfg, seed=3, corpus=corpus))
+    m2, _ = load_vlm(build_tiny_vlm(tmp_path / "b", cfg, seed=3, corpus=corpus))
+    m3, _ = load_vlm(build_tiny_vlm(tmp_path / "c", cfg, seed=4, corpus=corpus))
     s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert not all(torch.equal(s1[k], s3[k]) for k in s1)
@@ -148,3 +151,8 @@ def test_loader_refuses_non_vlm_and_mismatched_processor(tmp_path, tiny_vlm_dir)
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(IloraError, match="expects id"):
         load_vlm(bad)
+
+
+def test_left_padded_positions():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert left_padded_positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]

@@ -17,8 +17,8 @@ from ilora.errors import IloraError
 # module's ``register_analyses(subparsers)``, where it has one, adds ``ilora analyze`` commands.
 COMMAND_MODULES = (
     "ilora.experiment.cli",  # experiment
-    "ilora.models.cli",  # base, eval
-    "ilora.general.cli",  # general
+    "ilora.base.cli",  # base
+    "ilora.general.cli",  # general, eval general
     "ilora.atari.cli",  # collect, play, experts, games
     "ilora.routing.cli",  # train, analyze activations
     "ilora.routing.select_cli",  # select-play, analyze selection
@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "ilora.library.cli",  # library
     "ilora.experiment.tune_cli",  # tune-merge
     "ilora.rl.cli",  # rl
+    "ilora.experiment.rl_compare",  # rl-compare
 )
 
 

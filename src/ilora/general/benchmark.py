@@ -114,3 +114,21 @@ def score_general(
         "overall": accuracy_stats(every_hit, every_answer),
         "per_task": {task: accuracy_stats(hits[task], answers[task]) for task in sorted(hits)},
     }
+
+
+def accuracy_by_task(model, processor, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact-match accuracy of a VLM's greedy answers on general ``rows``, overall and per ``task``
+    (:func:`score_general`'s record)."""
+    from ilora.models.predict import generate_answers
+
+    return score_general(lambda batch: generate_answers(model, processor, batch), rows)
+
+
+def accuracy_table(scores: dict[str, Any]) -> str:
+    """One line per question family of a :func:`score_general` record: accuracy, its 95% CI, the
+    majority-answer rate and the count, after a header line."""
+    lines = [f"{'family':<22}{'accuracy':>9}  {'95% CI':<15}{'majority':>9}{'n':>6}"]
+    for name, s in [("overall", scores["overall"]), *sorted(scores["per_task"].items())]:
+        ci = f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]"
+        lines.append(f"{name:<22}{s['accuracy']:>9.3f}  {ci:<15}{s['majority_rate']:>9.3f}{s['n']:>6}")
+    return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""``ilora general``: write the built-in general vision-language rows as a saved dataset."""
+"""``ilora general``: write the built-in general vision-language rows as a saved dataset; ``ilora eval general``:
+a model's accuracy on them."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ilora.errors import IloraError
 
@@ -35,12 +37,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=run_general)
 
+    ev = subparsers.add_parser("eval", help="evaluate a model")
+    ev_sub = ev.add_subparsers(dest="what", metavar="WHAT", required=True)
+    general = ev_sub.add_parser(
+        "general",
+        help="accuracy on the built-in general vision-language benchmark (held-out split)",
+        description="Exact-match accuracy on the held-out split of the built-in general data. For real "
+        "models, see the README's lmms-eval recipe (llava_interleave_bench).",
+    )
+    general.add_argument("--model", required=True, help="model folder, 'builtin' or a cached hub id (a merged model works)")
+    general.add_argument("--adapter", help="a PEFT adapter folder to apply")
+    general.add_argument("--rows", type=int, default=600, help="held-out rows to score")
+    general.add_argument("--seed", type=int, default=0, help="seed of the held-out rows")
+    general.add_argument("--json", type=Path, help="also write the scores to this file")
+    general.set_defaults(func=run_eval_general)
+
 
 def run_general(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ilora.fileio import atomic_dir, check_output_file
-    from ilora.general.data import GeneralDataConfig, generate_general_rows, rows_to_dataset, validate_config
+    from ilora.general.data import (
+        GeneralDataConfig,
+        generate_general_rows,
+        rows_to_dataset,
+        validate_config,
+    )
     from ilora.general.preview import save_contact_sheet
 
     if args.rows < 1:
@@ -63,4 +83,22 @@ def run_general(args: argparse.Namespace) -> int:
     print(f"{len(rows)} {args.split} rows -> {args.out} (datasets.load_from_disk)")
     if args.preview is not None:
         print(f"preview: {save_contact_sheet(rows[:16], args.preview)}")
+    return 0
+
+
+def run_eval_general(args: argparse.Namespace) -> int:
+    from ilora.fileio import atomic_write_text, check_output_file, to_json
+    from ilora.general.benchmark import accuracy_by_task, accuracy_table
+    from ilora.general.data import generate_general_rows
+    from ilora.models.load import load_vlm_with_adapter
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    model, processor = load_vlm_with_adapter(args.model, args.adapter)
+    image_size = processor.image_processor.size.get("height", 96)
+    rows = generate_general_rows(args.rows, args.seed, "test", image_size=image_size)
+    scores = accuracy_by_task(model, processor, rows)
+    print(accuracy_table(scores))
+    if args.json:
+        atomic_write_text(args.json, to_json(scores))
     return 0

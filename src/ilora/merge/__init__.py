@@ -16,17 +16,18 @@ _EXPORTS = {
     "check_compatible": "engine",
     "apply_merged_state": "export",
     "export_lora": "export",
+    "load_vlm_merged": "export",
     "save_merged_model": "export",
     "LoraAdapter": "io",
     "MergedState": "io",
     "load_merged_state": "io",
     "open_input": "io",
-    "MergeMethod": "registry",
+    "MergeMethod": "method",
     "available_methods": "registry",
     "get_method": "registry",
-    "register": "registry",
+    "register": "method",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [name for name in sorted(_EXPORTS)]
 
 
 def __getattr__(name: str):

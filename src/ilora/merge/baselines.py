@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft.utils import merge_utils
 
 from ilora.config import field
 from ilora.errors import IloraError
 from ilora.merge.io import ModuleDelta
-from ilora.merge.registry import MergeMethod, input_weights, module_generator, register
+from ilora.merge.method import MergeMethod, input_weights, module_generator, register
 
 RULES = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -49,6 +48,9 @@ def apply_rule(
     Returns:
         The merged tensor.
     """
+    # Imported here: every ilora command lists the merge methods, few of them run one.
+    from peft.utils import merge_utils
+
     sign = {"majority_sign_method": majority_sign_method}
     if rule == "task_arithmetic":
         return merge_utils.task_arithmetic(tensors, weights)

@@ -16,7 +16,7 @@ from ilora.errors import IloraError
 from ilora.merge import ops
 from ilora.merge.baselines import apply_rule, check_rule_options
 from ilora.merge.io import LowRankDelta, ModuleDelta
-from ilora.merge.registry import MergeMethod, input_weights, register
+from ilora.merge.method import MergeMethod, input_weights, register
 
 CORE_RULES = ("ta", "ties", "tsv", "iso")
 

@@ -24,7 +24,8 @@ from ilora.merge.io import (
     same_base,
     write_record,
 )
-from ilora.merge.registry import Source, get_method
+from ilora.merge.method import Source
+from ilora.merge.registry import get_method
 from ilora.models.adapter import check_modules_fit
 from ilora.models.load import model_weight_shapes, resolve_model_path
 

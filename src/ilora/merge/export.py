@@ -1,4 +1,4 @@
-"""Outputs besides the merged state: a low-rank PEFT adapter and the merged full model."""
+"""Outputs besides the merged state: a low-rank PEFT adapter and the merged full model (saved or loaded)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 from ilora.errors import IloraError
 from ilora.fileio import to_json
 from ilora.merge import ops
-from ilora.merge.io import LowRankDelta, MergedState
-from ilora.merge.registry import module_generator
+from ilora.merge.io import LowRankDelta, MergedState, load_merged_state
+from ilora.merge.method import module_generator
 from ilora.models.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX
+from ilora.models.load import load_vlm_with_adapter
 
 EXPORT_REPORT = "export_report.json"
 MODEL_CARD = "README.md"
@@ -131,6 +132,27 @@ def apply_merged_state(model: torch.nn.Module, state: MergedState) -> None:
             param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
 
 
+def load_vlm_merged(
+    name_or_path: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    merged_state: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+):
+    """A VLM with a PEFT adapter folded into its weights and/or a merged ΔW state added.
+
+    The adapter is checked and folded as :func:`~ilora.models.load.load_vlm_with_adapter` does;
+    the merged state (a folder ``ilora merge`` wrote) is then added to the weights.
+
+    Returns:
+        ``(model, processor)``, the model in eval mode.
+    """
+    model, processor = load_vlm_with_adapter(name_or_path, adapter, dtype, device)
+    if merged_state is not None:
+        apply_merged_state(model, load_merged_state(merged_state))
+    return model.eval(), processor
+
+
 def save_merged_model(state: MergedState, base: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Save ``base + ΔW`` as a standard Hugging Face folder (same architecture, dtype and size),
     with its own model card (``README.md``: method, inputs with hashes, options, the merge
@@ -175,8 +197,8 @@ def merged_prompt_settings(inputs: list[str | os.PathLike | None]):
     Raises:
         IloraError: Two inputs were trained with different prompts (one line naming both).
     """
-    from ilora.prompt_settings import combine_prompt_settings, read_prompt_settings
     from ilora.merge.io import MERGE_RECORD
+    from ilora.prompt_settings import combine_prompt_settings, read_prompt_settings
 
     named = []
     for path in inputs:
@@ -238,9 +260,11 @@ def model_card(
         "",
         f"# {len(inputs)} input(s) merged with `{method}`",
         "",
-        f"A full Hugging Face model: the base model `{base_name}` with one merged weight delta ΔW added to "
-        f"{n_modules} of its weight matrices (same architecture, dtype and size as the base). Written by "
-        f"`ilora merge --save-model` (ilora {__version__}); nothing here was trained after the merge.",
+        (
+            f"A full Hugging Face model: the base model `{base_name}` with one merged weight delta ΔW added to "
+            f"{n_modules} of its weight matrices (same architecture, dtype and size as the base). Written by "
+            f"`ilora merge --save-model` (ilora {__version__}); nothing here was trained after the merge."
+        ),
         "",
         "## Method",
         "",
@@ -272,9 +296,11 @@ def model_card(
         "",
         "## Merge record",
         "",
-        f"`{MODEL_MERGE_RECORD}`: the method, its options, the inputs with their hashes, the base, and per "
-        "module what the method kept (ranks, thresholds). The merged state this model was built from (the ΔW "
-        "themselves, `merge_record.json`) is the folder above this one.",
+        (
+            f"`{MODEL_MERGE_RECORD}`: the method, its options, the inputs with their hashes, the base, and per "
+            "module what the method kept (ranks, thresholds). The merged state this model was built from (the ΔW "
+            "themselves, `merge_record.json`) is the folder above this one."
+        ),
         "",
         "## Use",
         "",

@@ -9,7 +9,7 @@ import torch
 from ilora.config import field
 from ilora.merge import ops
 from ilora.merge.io import LowRankDelta, ModuleDelta
-from ilora.merge.registry import MergeMethod, input_weights, register
+from ilora.merge.method import MergeMethod, input_weights, register
 
 
 @register("sum")

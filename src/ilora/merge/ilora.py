@@ -14,8 +14,7 @@ from ilora.config import field
 from ilora.errors import IloraError
 from ilora.merge import ops
 from ilora.merge.io import DenseDelta, LowRankDelta, MergedState, ModuleDelta
-from ilora.merge.registry import MergeMethod, Source, module_generator, register
-
+from ilora.merge.method import MergeMethod, Source, module_generator, register
 
 COMBINES = ("max_magnitude", "sum")
 

@@ -11,7 +11,7 @@ from ilora.errors import IloraError
 from ilora.merge import ops
 from ilora.merge.baselines import apply_rule, check_rule_options
 from ilora.merge.io import LowRankDelta, ModuleDelta
-from ilora.merge.registry import MergeMethod, input_weights, module_generator, register
+from ilora.merge.method import MergeMethod, input_weights, module_generator, register
 
 
 def knots_alignment(

@@ -8,7 +8,7 @@ import torch
 
 from ilora.merge import ops
 from ilora.merge.io import ModuleDelta
-from ilora.merge.registry import MergeMethod, register
+from ilora.merge.method import MergeMethod, register
 
 
 @register("magmax")

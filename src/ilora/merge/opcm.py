@@ -11,7 +11,7 @@ from ilora.config import field
 from ilora.errors import IloraError
 from ilora.merge import ops
 from ilora.merge.io import LowRankDelta, MergedState, ModuleDelta
-from ilora.merge.registry import MergeMethod, Source, register
+from ilora.merge.method import MergeMethod, Source, register
 
 
 def opcm_step(

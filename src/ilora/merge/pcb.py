@@ -10,7 +10,7 @@ from ilora.config import field
 from ilora.errors import IloraError
 from ilora.merge import ops
 from ilora.merge.io import ModuleDelta
-from ilora.merge.registry import MergeMethod, register
+from ilora.merge.method import MergeMethod, register
 
 
 @register("pcb")

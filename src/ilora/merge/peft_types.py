@@ -15,7 +15,7 @@ import torch
 from ilora.config import field
 from ilora.errors import IloraError
 from ilora.merge.io import LoraAdapter
-from ilora.merge.registry import MergeMethod, Source, input_weights, register
+from ilora.merge.method import MergeMethod, Source, input_weights, register
 
 PEFT_TYPES = (
     "cat",

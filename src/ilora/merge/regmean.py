@@ -13,7 +13,7 @@ from ilora.errors import IloraError
 from ilora.merge import ops
 from ilora.merge.grams import AdapterGrams
 from ilora.merge.io import LoraAdapter
-from ilora.merge.registry import MergeMethod, Source, input_weights, register
+from ilora.merge.method import MergeMethod, Source, input_weights, register
 
 # What a RegMean merged state stores per module ("<module>.<name>") so that later adapters
 # fold in without the old adapters' data: three running sums, and regmean_lowrank's basis.

@@ -10,7 +10,7 @@ import torch
 from ilora.errors import IloraError
 from ilora.merge import ops
 from ilora.merge.io import LowRankDelta, MergedState
-from ilora.merge.registry import Source, register
+from ilora.merge.method import Source, register
 from ilora.merge.regmean import (
     DELTA_GRAM,
     GENERAL_GRAM,

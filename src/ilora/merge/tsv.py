@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ilora.config import field
 from ilora.merge import ops
 from ilora.merge.io import LowRankDelta, ModuleDelta
-from ilora.merge.registry import MergeMethod, register
+from ilora.merge.method import MergeMethod, register
 
 
 @register("tsv")

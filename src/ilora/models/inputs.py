@@ -7,7 +7,7 @@ end-of-turn token after them) carry labels.
 
 ``context`` is text that is the same for many rows (an Atari game's rules and actions): placed
 before the images it makes every row of a game start with the same tokens, so an agent can
-compute their KV cache once (:class:`ilora.atari.agent.VLMAgent`). Rows without it (general
+compute their KV cache once (:class:`ilora.models.scoring.PromptPrefix`). Rows without it (general
 data) are encoded as before: images first, then the prompt.
 """
 

@@ -75,7 +75,11 @@ def _read_config(path: str) -> dict | None:
 
 def _model_class(path: str):
     """The config and the Auto class for a resolved model: image-text-to-text when it has a vision part."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
 
     raw = _read_config(path)
     try:
@@ -140,18 +144,18 @@ def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float3
     return model, processor
 
 
-def load_vlm_merged(
+def load_vlm_with_adapter(
     name_or_path: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
-    merged_state: str | os.PathLike | None = None,
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
 ):
-    """A VLM with a PEFT adapter folded into its weights and/or a merged ΔW state added.
+    """A VLM with a PEFT adapter folded into its weights (``adapter=None``: the VLM alone).
 
     Folding (``merge_and_unload``) computes the same function without per-layer adapter
     overhead at every forward, which is what playing and scoring want. The adapter is
     checked first (config, finite weights, modules and shapes of this base), as ``ilora merge`` does.
+    A merged state is added by :func:`ilora.merge.export.load_vlm_merged`.
 
     Returns:
         ``(model, processor)``, the model in eval mode.
@@ -163,11 +167,6 @@ def load_vlm_merged(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    if merged_state is not None:
-        from ilora.merge.export import apply_merged_state
-        from ilora.merge.io import load_merged_state
-
-        apply_merged_state(model, load_merged_state(merged_state))
     return model.eval(), processor
 
 

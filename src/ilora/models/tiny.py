@@ -59,31 +59,6 @@ class TinyVLMConfig:
     max_position_embeddings: int = field(1024, help="longest sequence the language model accepts")
 
 
-def default_corpus() -> list[str]:
-    """Text the tokenizer is trained on: every word the Atari prompts and general data can emit.
-
-    Gathered from the packages that generate text so the tokenizer covers them with whole-word
-    tokens; byte-level BPE still encodes any other text (no unknown token).
-    """
-    texts: list[str] = []
-    try:
-        from ilora.general.data import general_vocabulary
-
-        texts += list(general_vocabulary())
-    except ImportError:
-        pass
-    try:
-        from ilora.atari.prompts import prompt_vocabulary
-
-        texts += list(prompt_vocabulary())
-    except ImportError:
-        pass
-    # A fallback so the tokenizer is well-formed even when neither package is importable.
-    texts += ["Action:", "the", "ball", "paddle", "is", "above", "below", "left", "right", "of", "image"]
-    texts += [str(i) for i in range(256)]
-    return texts
-
-
 def action_names() -> list[str]:
     """Every action name the ALE accepts (the full 18-action set)."""
     import ale_py
@@ -207,7 +182,8 @@ def build_tiny_vlm(
     out_dir: str | os.PathLike,
     config: TinyVLMConfig | None = None,
     seed: int = 0,
-    corpus: Iterable[str] | None = None,
+    *,
+    corpus: Iterable[str],
 ) -> Path:
     """Build the tiny VLM with its processor and save it as a Hugging Face folder.
 
@@ -215,14 +191,15 @@ def build_tiny_vlm(
         out_dir: destination folder; written atomically (temporary sibling, then rename).
         config: sizes; ``TinyVLMConfig()`` by default.
         seed: weight-initialisation seed (the tokenizer is deterministic given the corpus).
-        corpus: texts for the tokenizer; ``default_corpus()`` by default.
+        corpus: texts for the tokenizer, from the packages that generate the model's text
+            (:func:`ilora.base.pretrain.tokenizer_corpus` for the default base).
 
     Returns:
         The folder, loadable with ``ilora.models.load.load_vlm`` or ``from_pretrained``.
     """
     config = config or TinyVLMConfig()
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(corpus if corpus is not None else default_corpus(), config.vocab_size)
+    tokenizer = train_tokenizer(corpus, config.vocab_size)
     processor = build_processor(tokenizer, config)
     model = build_model(config, tokenizer, seed=seed)
     with atomic_dir(out_dir) as tmp:

@@ -33,18 +33,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ilora.atari.agent import (
-    AgentDecision,
-    PromptPrefix,
-    VLMAgent,
-    left_padded_positions,
-)
+from ilora.atari.agent import AgentDecision, VLMAgent
 from ilora.atari.envs import Observation
 from ilora.atari.games import Game, get_game
 from ilora.config import field
 from ilora.errors import IloraError
 from ilora.models.cache import cache_argument
 from ilora.models.inputs import encode_rows
+from ilora.models.scoring import PromptPrefix, left_padded_positions
 from ilora.routing.hooks import LoraLayerRef, find_lora_layers
 from ilora.routing.lora import AdapterSwitch
 

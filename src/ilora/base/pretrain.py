@@ -41,6 +41,23 @@ class BaseConfig:
     )
 
 
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny base's tokenizer is trained on: every word the Atari prompts and general data can emit.
+
+    Gathered from the packages that generate text so the tokenizer covers them with whole-word
+    tokens; byte-level BPE still encodes any other text (no unknown token).
+    """
+    from ilora.atari.prompts import prompt_vocabulary
+    from ilora.general.data import general_vocabulary
+
+    texts = list(general_vocabulary()) + list(prompt_vocabulary())
+    # Answer words and the numbers 0-255 whatever the vocabularies above hold: the tokenizer, and so
+    # every tiny model built with it, depends on them.
+    texts += ["Action:", "the", "ball", "paddle", "is", "above", "below", "left", "right", "of", "image"]
+    texts += [str(i) for i in range(256)]
+    return texts
+
+
 def base_training_rows(config: BaseConfig, split: str = "train") -> list[dict[str, Any]]:
     """The pretraining mixture: general rows plus Atari grounding rows, shuffled."""
     import random
@@ -55,14 +72,6 @@ def base_training_rows(config: BaseConfig, split: str = "train") -> list[dict[st
     rows += grounding_rows(n_grounding, config.seed * 2 + (0 if split == "train" else 1))
     random.Random(config.seed).shuffle(rows)
     return rows
-
-
-def accuracy_by_task(model, processor, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Exact-match accuracy overall and per ``task`` (answers normalised as the general benchmark does)."""
-    from ilora.general.benchmark import score_general
-    from ilora.models.predict import generate_answers
-
-    return score_general(lambda batch: generate_answers(model, processor, batch), rows)
 
 
 def spread_embeddings(model, token_ids: list[int], seed: int) -> float:
@@ -114,7 +123,8 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from ilora.models.callbacks import TimeBudgetCallback
+    from ilora.base.callbacks import TimeBudgetCallback
+    from ilora.general.benchmark import accuracy_by_task
     from ilora.models.inputs import encode_rows
     from ilora.models.load import load_vlm
     from ilora.models.tiny import build_tiny_vlm
@@ -124,7 +134,7 @@ def pretrain_base(config: BaseConfig, out_dir: str | Path, progress: bool = True
     torch.manual_seed(config.seed)
     with tempfile.TemporaryDirectory(prefix="ilora-base-") as scratch, atomic_dir(out_dir) as final:
         work = Path(scratch)
-        init_dir = config.init or build_tiny_vlm(work / "init", config.model, seed=config.seed)
+        init_dir = config.init or build_tiny_vlm(work / "init", config.model, seed=config.seed, corpus=tokenizer_corpus())
         model, processor = load_vlm(init_dir)
         spread_cosine = None
         if config.spread_action_embeddings:
