@@ -210,7 +210,7 @@ def copy_adapter(src: Path, dst: Path, edit_config=None, edit_tensors=None) -> P
 
 
 def set_nan(tensors):
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key][0, 0] = float("nan")
 
 
@@ -266,7 +266,7 @@ def test_bad_adapter_is_refused_naming_the_file(zoo, tmp_path, capsys, kind):
 
 
 def test_nan_found_while_streaming_leaves_no_output(zoo, tmp_path):
-    bad = copy_adapter(zoo["a"], tmp_path / "late_nan", edit_tensors=lambda t: t[sorted(t)[-1]].fill_(float("inf")))
+    bad = copy_adapter(zoo["a"], tmp_path / "late_nan", edit_tensors=lambda t: t[max(t)].fill_(float("inf")))
     with pytest.raises(IloraError, match="NaN or Inf"):
         merge_adapters([zoo["b"], bad], out=tmp_path / "o" / "m", progress=False)
     assert list((tmp_path / "o").iterdir()) == []
@@ -315,3 +315,40 @@ def test_cli_merges_and_exports(zoo, tmp_path, capsys):
     assert [i["sha256"] for i in record["inputs"]] == [
         hashlib.sha256((zoo[n] / "adapter_model.safetensors").read_bytes()).hexdigest() for n in ("a", "b")
     ]
+
+
+def test_every_method_file_is_imported_by_the_registry():
+    """A method file the registry does not import would offer no method, silently: the names
+    ``@register`` declares in the merge package's source are the registry's, in a fresh process."""
+    import ast
+    import subprocess
+    import sys
+
+    import ilora.merge
+    from ilora.merge.peft_types import PEFT_TYPES
+
+    declared = {f"peft:{t}" for t in PEFT_TYPES}  # registered in a loop, by an f-string
+    for path in Path(ilora.merge.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register" and node.args
+            if named and isinstance(node.args[0], ast.Constant):
+                declared.add(node.args[0].value)
+    code = "from ilora.merge.registry import available_methods; print(' '.join(available_methods()))"
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert set(listed) == declared and len(declared) > 20
+
+
+def test_merge_flags_come_from_the_method_fields(capsys):
+    """One flag per method option, its default read from the method's field (keep=0.8 lives in ilora.py)."""
+    from ilora.merge.cli import method_option_fields
+    from ilora.merge.ilora import ILoRAMerge
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    keep = ILoRAMerge.__dataclass_fields__["keep"].default
+    assert "--keep KEEP ilora, ilora_truncate: fraction of each adapter's rank kept" in help_text
+    assert f"(default {keep})" in help_text
+    for option in method_option_fields():
+        assert f"--{option.replace('_', '-')} " in help_text
+    assert "--rule" not in help_text  # fixed by every method name that has it

@@ -7,6 +7,10 @@ import json
 from pathlib import Path
 
 from ilora.errors import IloraError
+from ilora.merge.cli import add_method_option_flags, method_options
+
+# A library merges every skill at weight 1 (``compose`` fits weights): no ``--weights`` flag.
+LIBRARY_FIXED_OPTIONS = ("weights",)
 
 EXAMPLE = """example:
   ilora library init skills --base builtin                       # I-LoRA, folding skills in one by one
@@ -107,10 +111,7 @@ def add_merge_options(p: argparse.ArgumentParser, method_default: str | None = "
     """The merge-settings flags of ``init`` and ``build``."""
     default = f" (default {method_default})" if method_default else " (default: the library's)"
     p.add_argument("--method", default=method_default, help="merge method, see `ilora merge --list-methods`" + default)
-    p.add_argument("--keep", type=float, help="ilora: fraction of each adapter's rank kept (default 0.8)")
-    p.add_argument("--density", type=float, help="ties/dare/magnitude_prune (and peft:*): fraction kept")
-    p.add_argument("--seed", type=int, help="seed for randomised steps (SVD start block, DARE masks)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other method option")
+    add_method_option_flags(p, skip=LIBRARY_FIXED_OPTIONS)
     p.add_argument(
         "--iterative",
         action=argparse.BooleanOptionalAction,
@@ -128,18 +129,6 @@ def comma_names(text: str) -> list[str]:
     return names
 
 
-def given_options(args: argparse.Namespace) -> dict:
-    """The method options set on the command line."""
-    from ilora.config import parse_overrides
-
-    options = {k: getattr(args, k) for k in ("keep", "density", "seed") if getattr(args, k) is not None}
-    for key, value in parse_overrides(args.option).items():
-        if isinstance(value, dict):
-            raise IloraError(f"--option {key}: nested keys are not method options")
-        options[key] = value
-    return options
-
-
 def print_entry(entry: dict) -> None:
     """One line saying what an operation did to the merged state."""
     merged = entry["merged"] or "none (no skill)"
@@ -150,7 +139,7 @@ def print_entry(entry: dict) -> None:
 def run_init(args: argparse.Namespace) -> int:
     from ilora.library.store import init_library, merge_settings
 
-    settings = merge_settings(args.method, given_options(args), args.iterative)
+    settings = merge_settings(args.method, method_options(args, skip=LIBRARY_FIXED_OPTIONS), args.iterative)
     library = init_library(args.dir, args.base, settings)
     mode = "iterative" if settings.iterative else "one merge of every skill"
     print(f"library {library.root}: base {library.base}, merged with {settings.method} ({mode})")
@@ -177,11 +166,11 @@ def run_build(args: argparse.Namespace) -> int:
     library = SkillLibrary(args.dir)
     current = library.settings
     if args.method is None:
-        options = {**current.options, **given_options(args)}
+        options = {**current.options, **method_options(args, skip=LIBRARY_FIXED_OPTIONS)}
         iterative = current.iterative if args.iterative is None else args.iterative
         settings = merge_settings(current.method, options, iterative)
     else:
-        settings = merge_settings(args.method, given_options(args), args.iterative)
+        settings = merge_settings(args.method, method_options(args, skip=LIBRARY_FIXED_OPTIONS), args.iterative)
     print_entry(library.build(settings))
     return 0
 

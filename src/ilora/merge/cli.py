@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from ilora.errors import IloraError
 
@@ -29,11 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", metavar="ADAPTER_OR_MERGED_DIR", help="inputs, in order (ties go to later ones)")
     p.add_argument("--out", help="output folder for the merged state")
     p.add_argument("--method", default="ilora", help="merge method (default: ilora); see --list-methods")
-    p.add_argument("--keep", type=float, help="ilora: fraction of each adapter's rank kept (default 0.8)")
-    p.add_argument("--density", type=float, help="ties/dare/magnitude_prune (and peft:*): fraction kept (default 0.5)")
-    p.add_argument("--weights", type=comma_floats, help="comma-separated weight per input")
-    p.add_argument("--seed", type=int, help="seed for randomised steps (SVD start block, DARE masks)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other method option")
+    add_method_option_flags(p)
     p.add_argument("--base", help="base model folder or 'builtin' (needed by peft:* and --save-model)")
     p.add_argument("--export-lora", type=int, metavar="RANK", help="also write OUT/lora_rankRANK, a PEFT adapter")
     p.add_argument("--save-model", action="store_true", help="also write OUT/model, the merged full model")
@@ -50,11 +48,80 @@ def comma_floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers, e.g. 1,0.5") from None
 
 
-def method_options(args: argparse.Namespace) -> dict:
-    """The method options given on the command line (only those set)."""
+def method_option_fields(skip: tuple[str, ...] = ()) -> dict[str, list[tuple[list[str], dataclasses.Field, Any]]]:
+    """Every user option of the registered merge methods, as the methods' dataclasses declare it.
+
+    Args:
+        skip: option names left out.
+
+    Returns:
+        Option name -> ``(method names, field, field type)`` per distinct declaration (help text
+        and default), in method-name order.
+    """
+    import typing
+
+    from ilora.merge.registry import REGISTERED, available_methods, user_options
+
+    options: dict[str, dict[tuple[str, str], tuple[list[str], dataclasses.Field, Any]]] = {}
+    for name in available_methods():
+        hints = typing.get_type_hints(REGISTERED[name][0])
+        for f in user_options(name):
+            if f.name not in skip:
+                declared = options.setdefault(f.name, {})
+                declared.setdefault((f.metadata["help"], repr(f.default)), ([], f, hints[f.name]))[0].append(name)
+    return {option: list(declared.values()) for option, declared in sorted(options.items())}
+
+
+def flag_type(tp: Any):
+    """The argparse ``type`` of a method option declared as ``tp`` (``None`` allowed: unset)."""
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (tp,) = (member for member in typing.get_args(tp) if member is not type(None))
+    if tp == list[float]:
+        return comma_floats
+    if tp in (int, float, str):
+        return tp
+    raise TypeError(f"merge option type {tp} has no command-line form; give it one in flag_type")
+
+
+def method_labels(names: list[str]) -> str:
+    """``names`` for a help text, a family written ``peft:*`` when all of its methods are there."""
+    from ilora.merge.registry import available_methods
+
+    families = {name.split(":")[0] for name in names if ":" in name}
+    whole = {f for f in families if all(n in names for n in available_methods() if n.startswith(f + ":"))}
+    shown = [name for name in names if ":" not in name or name.split(":")[0] not in whole]
+    return ", ".join(shown + [f"{f}:*" for f in sorted(whole)])
+
+
+def add_method_option_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per merge-method option (``--svd-tol`` sets ``svd_tol``), its type, help and defaults
+    read from the methods' dataclass fields, plus ``--option KEY=VALUE`` for any option."""
+    for option, declarations in method_option_fields(skip).items():
+        kinds = {flag_type(tp) for _, _, tp in declarations}
+        if len(kinds) > 1:
+            raise TypeError(f"merge option {option!r} is declared with different types by different methods")
+        text = "; ".join(
+            f"{method_labels(names)}: {f.metadata['help']}" + ("" if f.default is None else f" (default {f.default})")
+            for names, f, _ in declarations
+        )
+        parser.add_argument(
+            "--" + option.replace("_", "-"),
+            dest=option,
+            type=kinds.pop(),
+            metavar=option.upper(),
+            help=text.replace("%", "%%"),
+        )
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any method option")
+
+
+def method_options(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
+    """The method options given on the command line (only those set; ``--option`` last)."""
     from ilora.config import parse_overrides
 
-    options = {k: getattr(args, k) for k in ("keep", "density", "weights", "seed") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in method_option_fields(skip) if getattr(args, k, None) is not None}
     for key, value in parse_overrides(args.option).items():
         if isinstance(value, dict):
             raise IloraError(f"--option {key}: nested keys are not method options")
@@ -109,6 +176,8 @@ INTERFERENCE_EXAMPLE = """example:
 
 def register_analyses(sub: argparse._SubParsersAction) -> None:
     """``ilora analyze merge`` (weight space) and ``ilora analyze interference`` (activations)."""
+    from ilora.merge.ilora import ILoRAMerge
+
     weight_space = sub.add_parser(
         "merge",
         help="how much an I-LoRA max-magnitude merge changes each adapter's delta",
@@ -116,7 +185,8 @@ def register_analyses(sub: argparse._SubParsersAction) -> None:
         "|merged - delta| / |delta|; then the adapters' pairwise cosines (all modules together).",
     )
     weight_space.add_argument("adapters", nargs="+", help="two or more PEFT LoRA adapter folders")
-    weight_space.add_argument("--keep", type=float, default=0.8, help="I-LoRA keep ratio (default 0.8)")
+    keep = ILoRAMerge.__dataclass_fields__["keep"].default
+    weight_space.add_argument("--keep", type=float, default=keep, help=f"I-LoRA keep ratio (default {keep})")
     weight_space.add_argument("--json", type=Path, help="also write the numbers here")
     weight_space.set_defaults(func=run_analyze_merge)
     activations = sub.add_parser(
@@ -139,7 +209,11 @@ def register_analyses(sub: argparse._SubParsersAction) -> None:
 
 def run_analyze_merge(args: argparse.Namespace) -> int:
     from ilora.fileio import atomic_write_text
-    from ilora.merge.interference import format_interference, interference_stats, truncated_deltas
+    from ilora.merge.interference import (
+        format_interference,
+        interference_stats,
+        truncated_deltas,
+    )
 
     if len(args.adapters) < 2:
         raise IloraError(f"analyze merge needs at least two adapters, got {len(args.adapters)}")
@@ -151,9 +225,12 @@ def run_analyze_merge(args: argparse.Namespace) -> int:
 
 
 def run_analyze_interference(args: argparse.Namespace) -> int:
-    from ilora.fileio import atomic_write_text
     from ilora.config import parse_named_path
-    from ilora.merge.interference import adapter_interference, format_activation_interference
+    from ilora.fileio import atomic_write_text
+    from ilora.merge.interference import (
+        adapter_interference,
+        format_activation_interference,
+    )
 
     if len(args.data) != len(args.adapters):
         raise IloraError(f"{len(args.adapters)} adapters but {len(args.data)} --data; give one GAME=DIR per adapter, in order")
