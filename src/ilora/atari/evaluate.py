@@ -3,11 +3,12 @@
 One path scores everything the experiment compares — a VLM agent, a scripted expert, a random
 policy — so their numbers are comparable by construction:
 
-- :func:`play_episodes` runs ``n_envs`` environments side by side. Each step, the policy answers
-  all running environments at once (:class:`~ilora.atari.agent.BatchPolicy`, e.g. the VLM agent
-  with one batched model call) or one by one (any plain :class:`~ilora.atari.experts.Policy`).
-  Episode ``k`` always starts from ``reset(seed=seed + k)`` whichever environment plays it, so
-  results do not depend on ``n_envs`` for a policy that answers each observation on its own.
+- :func:`play_episodes` runs ``n_envs`` wrapped environments side by side in the episode loop
+  (:class:`~ilora.atari.experts.EpisodeLoop`). Each step, the policy answers all running
+  environments at once (:class:`~ilora.atari.agent.BatchPolicy`, e.g. the VLM agent with one
+  batched model call) or one by one (any plain :class:`~ilora.atari.experts.Policy`). Episode
+  ``k`` always starts from ``reset(seed=seed + k)`` whichever environment plays it, so results
+  do not depend on ``n_envs`` for a policy that answers each observation on its own.
 - :func:`summarize` turns the records into the reported numbers: mean score with a 95% Student-t
   interval, the human-normalised score, the invalid-answer rate, the action histogram, and the
   paper's rule (an episode that produced no valid answer, or hit the frame cap, scores 0) beside
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ilora.atari.envs import Observation, TwoFrameEnv
-from ilora.atari.experts import Decision, Policy, mean_ci95, reset_policy, to_decision
+from ilora.atari.envs import Observation, wrapped_env
+from ilora.atari.experts import EpisodeLoop, EpisodeRecord, Policy, StepEvent, mean_ci95
 from ilora.atari.games import (
     DEFAULT_FRAME_SKIP,
     DEFAULT_MAX_EPISODE_FRAMES,
@@ -38,62 +38,6 @@ from ilora.atari.games import (
 )
 from ilora.errors import IloraError
 from ilora.fileio import to_json
-
-
-@dataclass
-class EpisodeRecord:
-    """One finished episode.
-
-    Attributes:
-        episode: Episode index ``k`` (its seed is ``seed + k``).
-        seed: The seed its environment was reset with.
-        score: Total reward.
-        length: Agent steps (decisions) taken; automatic FIRE presses are not counted.
-        frames: Emulator frames played.
-        invalid_answers: Steps whose answer named no valid action (played as NOOP).
-        capped: Ended by the frame cap rather than by the game.
-        action_counts: Decisions per action name (automatic FIRE presses excluded).
-        auto_fires: FIRE presses made by the ``fire_on_reset`` option, not by the policy.
-    """
-
-    episode: int
-    seed: int
-    score: float = 0.0
-    length: int = 0
-    frames: int = 0
-    invalid_answers: int = 0
-    capped: bool = False
-    action_counts: dict[str, int] = field(default_factory=dict)
-    auto_fires: int = 0
-
-    @property
-    def invalid_rate(self) -> float:
-        return self.invalid_answers / self.length if self.length else 0.0
-
-    @property
-    def fire_rate(self) -> float:
-        """Share of decisions pressing FIRE (alone or with a direction): Breakout's launch rate."""
-        fires = sum(n for name, n in self.action_counts.items() if "FIRE" in name)
-        return fires / self.length if self.length else 0.0
-
-    @property
-    def counts_zero(self) -> bool:
-        """The paper's rule: no valid answer in the whole episode, or the 30-minute cap was hit."""
-        return self.capped or (self.length > 0 and self.invalid_answers == self.length)
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """What :func:`play_episodes` hands its ``on_step`` callback after each agent step."""
-
-    env_index: int
-    episode: int
-    step: int  # agent step within the episode, from 0
-    observation: Observation  # the observation the decision was made on
-    decision: Decision
-    valid: bool
-    reward: float
-    score: float  # the episode's score after this step
 
 
 @dataclass
@@ -144,15 +88,15 @@ def play_episodes(
         seed: Episode ``k`` is reset with ``seed + k``.
         n_envs: Environments run side by side (at most ``n_episodes`` are created).
         max_frames: Episode cap in emulator frames (default 108,000 = the paper's 30 minutes).
-        fire_on_reset: The FireReset convention: press FIRE automatically after a reset and after
-            every lost life (games with FIRE only). It changes scores a lot in Breakout-like
-            games (a cloned agent that never launches the ball scores 0), so it is recorded in
-            the settings and reported with every score.
+        fire_on_reset: The FireReset convention (:class:`~ilora.atari.envs.FireOnReset`): press
+            FIRE automatically after a reset and after every lost life (games with FIRE only). It
+            changes scores a lot in Breakout-like games (a cloned agent that never launches the
+            ball scores 0), so it is recorded in the settings and reported with every score.
         blank_frames: Replace both frames by black frames before the policy sees them (the RAM is
             untouched): the "does the model read the images" check.
         frame_skip: Emulator frames per step, also the distance between the two frames.
         repeat_action_probability: Sticky actions (v5 default 0.25).
-        on_step: Called after every agent step with a :class:`StepEvent` (videos, traces).
+        on_step: Called after every agent step with a :class:`~ilora.atari.experts.StepEvent` (videos, traces).
         progress: Show a progress bar over finished episodes.
 
     Returns:
@@ -160,8 +104,6 @@ def play_episodes(
         error is recorded in ``errors`` and the episodes finished so far (and those the other
         environments go on to finish) are kept.
     """
-    from tqdm.auto import tqdm
-
     game = get_game(game)
     if n_episodes < 1:
         raise IloraError(f"n_episodes must be >= 1, got {n_episodes}")
@@ -170,115 +112,36 @@ def play_episodes(
     if max_frames < frame_skip:
         raise IloraError(f"max_frames ({max_frames}) must be at least one step of {frame_skip} frames")
     envs = [
-        TwoFrameEnv(game, frame_skip, repeat_action_probability, max_frames)
+        wrapped_env(
+            game,
+            frame_skip=frame_skip,
+            repeat_action_probability=repeat_action_probability,
+            max_episode_frames=max_frames,
+            fire_on_reset=fire_on_reset,
+        )
         for _ in range(min(n_envs, n_episodes))
     ]
-    names = envs[0].action_names
-    auto_fire = fire_on_reset and "FIRE" in names
-    batched = callable(getattr(policy, "act_batch", None))
-    result = PlayResult(
-        game=game.name,
-        records=[],
-        settings={
-            **_policy_settings(policy),
-            "game": game.name,
-            "episodes": n_episodes,
-            "seed": seed,
-            "n_envs": len(envs),
-            "max_frames": max_frames,
-            "frame_skip": frame_skip,
-            "repeat_action_probability": repeat_action_probability,
-            "fire_on_reset": fire_on_reset,
-            "blank_frames": blank_frames,
-        },
+    settings = {
+        **_policy_settings(policy),
+        "game": game.name,
+        "episodes": n_episodes,
+        "seed": seed,
+        "n_envs": len(envs),
+        "max_frames": max_frames,
+        "frame_skip": frame_skip,
+        "repeat_action_probability": repeat_action_probability,
+        "fire_on_reset": fire_on_reset,
+        "blank_frames": blank_frames,
+    }
+    loop = EpisodeLoop(
+        policy, envs, [seed + k for k in range(n_episodes)], see=_blank if blank_frames else None, on_step=on_step
     )
-    next_episode = 0
-    # Per running environment: its record, current observation and lives count.
-    running: dict[int, tuple[EpisodeRecord, Observation]] = {}
-    bar = tqdm(total=n_episodes, desc=f"{game.name} episodes", unit="ep", disable=not progress)
-
-    def env_call(i: int, fn, *args):
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        except Exception as err:  # the emulator's own errors are not ours to classify
-            record = running.pop(i, (None, None))[0]
-            where = f" in episode {record.episode}" if record is not None else ""
-            result.errors.append(f"environment {i}{where}: {type(err).__name__}: {err}")
-            return None
-        finally:
-            result.env_seconds += time.perf_counter() - start
-
-    def fire(i: int, record: EpisodeRecord):
-        transition = env_call(i, envs[i].step, "FIRE")
-        if transition is not None:
-            record.auto_fires += 1
-            record.score += transition.reward
-            record.frames += frame_skip
-        return transition
-
-    def start(i: int) -> None:
-        """Start the next episode on environment ``i`` (if any is left); a failed reset drops the env."""
-        nonlocal next_episode
-        if next_episode >= n_episodes:
-            return
-        record = EpisodeRecord(episode=next_episode, seed=seed + next_episode)
-        next_episode += 1
-        running[i] = (record, None)
-        if not batched:
-            reset_policy(policy)
-        obs = env_call(i, envs[i].reset, record.seed)
-        if obs is not None and auto_fire:
-            transition = fire(i, record)
-            obs = transition.observation if transition is not None else None
-        if obs is not None:
-            running[i] = (record, obs)
-
-    for i in range(len(envs)):
-        start(i)
     try:
-        while running:
-            order = sorted(running)
-            seen = [_blank(running[i][1]) if blank_frames else running[i][1] for i in order]
-            t0 = time.perf_counter()
-            if batched:
-                decisions = policy.act_batch(seen)
-            else:
-                decisions = [to_decision(policy(obs), names) for obs in seen]
-            result.policy_seconds += time.perf_counter() - t0
-            for i, obs, decision in zip(order, seen, decisions):
-                record = running[i][0]
-                valid = bool(getattr(decision, "valid", True))
-                lives = running[i][1].info.get("lives", 0)
-                transition = env_call(i, envs[i].step, decision.action)
-                if transition is None:
-                    continue
-                step = record.length
-                record.length += 1
-                record.frames += frame_skip
-                record.score += transition.reward
-                record.invalid_answers += not valid
-                record.action_counts[decision.action] = record.action_counts.get(decision.action, 0) + 1
-                if on_step is not None:
-                    on_step(StepEvent(i, record.episode, step, obs, decision, valid, transition.reward, record.score))
-                if not transition.done and auto_fire and transition.observation.info.get("lives", 0) < lives:
-                    transition = fire(i, record)
-                    if transition is None:
-                        continue
-                if transition.done:
-                    record.capped = transition.truncated and not transition.terminated
-                    result.records.append(record)
-                    del running[i]
-                    bar.update(1)
-                    start(i)
-                else:
-                    running[i] = (record, transition.observation)
+        played = loop.run(f"{game.name} episodes" if progress else None)
     finally:
-        bar.close()
         for env in envs:
             env.close()
-    result.records.sort(key=lambda r: r.episode)
-    return result
+    return PlayResult(game.name, played.records, settings, played.errors, played.policy_seconds, played.env_seconds)
 
 
 def _blank(observation: Observation) -> Observation:
@@ -385,8 +248,10 @@ def format_summary(summary: Summary, settings: dict | None = None) -> str:
         f"episodes             {s.episodes}",
         f"score                {s.mean:.2f}  (95% CI {s.ci_low:.2f} .. {s.ci_high:.2f}; median {s.median:.2f})",
         f"human-normalised     {s.hns:.3f}  (random {s.random_score:g}, human {s.human_score:g})",
-        f"paper's zero rule    {s.mean_zero_rule:.2f}  (HNS {s.hns_zero_rule:.3f}; "
-        f"{s.zero_rule_episodes} episode(s) counted 0, {s.capped_episodes} capped)",
+        (
+            f"paper's zero rule    {s.mean_zero_rule:.2f}  (HNS {s.hns_zero_rule:.3f}; "
+            f"{s.zero_rule_episodes} episode(s) counted 0, {s.capped_episodes} capped)"
+        ),
         f"invalid answers      {100 * s.invalid_rate:.2f}% of steps",
         f"FIRE rate            {100 * s.fire_rate:.2f}% of steps",
         f"mean length          {s.mean_length:.1f} steps",

@@ -8,16 +8,30 @@ called at every episode start).
 The scripted experts read the console RAM through :mod:`ilora.atari.ram` and act on the
 relation words of its :class:`~ilora.atari.ram.ObjectFacts`; their reasoning text is generated
 from the same facts, so the answer's reasoning always explains the action it ends with.
+
+:class:`EpisodeLoop` is the one episode loop: any policy on wrapped environments in lockstep,
+one :class:`EpisodeRecord` per episode. :func:`run_episode` (an expert's single episode) and
+:func:`~ilora.atari.evaluate.play_episodes` (scoring any policy) both run it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol, Union, runtime_checkable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
 
+import gymnasium as gym
 import numpy as np
+from gymnasium.wrappers import TimeLimit
 
-from ilora.atari.envs import Observation, TwoFrameEnv
+from ilora.atari.envs import (
+    AUTO_FIRE_REWARD,
+    AUTO_FIRES,
+    Observation,
+    TwoFrameEnv,
+    lost_life_or_point,
+)
 from ilora.atari.games import Game, get_game
 from ilora.atari.ram import BOXING_VERTICAL, ObjectFacts, Point, object_facts
 from ilora.errors import IloraError
@@ -31,7 +45,7 @@ class Decision:
     reasoning: str = ""
 
 
-Action = Union[Decision, str, int]
+Action = Decision | str | int
 
 
 @runtime_checkable
@@ -113,7 +127,7 @@ class PongExpert(ScriptedExpert):
     """Keeps the paddle level with the ball: ball above -> up (RIGHT), below -> down (LEFT)."""
 
     game_name = "Pong"
-    MOVES = {"above": ("RIGHT", "move my paddle up"), "below": ("LEFT", "move my paddle down")}
+    MOVES: ClassVar[dict[str, tuple[str, str]]] = {"above": ("RIGHT", "move my paddle up"), "below": ("LEFT", "move my paddle down")}
 
     def act(self, facts: ObjectFacts) -> Decision:
         relation = facts.relations["ball_vs_paddle"]
@@ -178,7 +192,7 @@ class BoxingExpert(ScriptedExpert):
 
     game_name = "Boxing"
     # Vertical word -> (vertical part of the action, fires, why).
-    PLAN = {
+    PLAN: ClassVar[dict[str, tuple[str, bool, str]]] = {
         "above": ("UP", False, "move up to bring a glove in line"),
         "top glove": ("DOWN", True, "punch with the top glove while slipping down"),
         "high centre": ("DOWN", False, "move down so my top glove lines up"),
@@ -286,6 +300,213 @@ def load_policy(spec: str, game: str | Game, seed: int = 0) -> Policy:
     return target
 
 
+@dataclass
+class EpisodeRecord:
+    """One finished episode.
+
+    Attributes:
+        episode: Episode index ``k`` (its seed is the run's ``k``-th seed).
+        seed: The seed its environment was reset with.
+        score: Total reward.
+        length: Agent steps (decisions) taken; automatic FIRE presses are not counted.
+        frames: Emulator frames played.
+        invalid_answers: Steps whose answer named no valid action (played as NOOP).
+        capped: Ended by the frame cap (or a step cap) rather than by the game.
+        action_counts: Decisions per action name (automatic FIRE presses excluded).
+        auto_fires: FIRE presses made by :class:`~ilora.atari.envs.FireOnReset`, not by the policy.
+    """
+
+    episode: int
+    seed: int
+    score: float = 0.0
+    length: int = 0
+    frames: int = 0
+    invalid_answers: int = 0
+    capped: bool = False
+    action_counts: dict[str, int] = field(default_factory=dict)
+    auto_fires: int = 0
+
+    @property
+    def invalid_rate(self) -> float:
+        return self.invalid_answers / self.length if self.length else 0.0
+
+    @property
+    def fire_rate(self) -> float:
+        """Share of decisions pressing FIRE (alone or with a direction): Breakout's launch rate."""
+        fires = sum(n for name, n in self.action_counts.items() if "FIRE" in name)
+        return fires / self.length if self.length else 0.0
+
+    @property
+    def counts_zero(self) -> bool:
+        """The paper's rule: no valid answer in the whole episode, or the 30-minute cap was hit."""
+        return self.capped or (self.length > 0 and self.invalid_answers == self.length)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What :class:`EpisodeLoop` hands its ``on_step`` callback after each agent step."""
+
+    env_index: int
+    episode: int
+    step: int  # agent step within the episode, from 0
+    observation: Observation  # the observation the decision was made on
+    decision: Decision
+    valid: bool
+    reward: float
+    score: float  # the episode's score after this step (automatic FIRE presses after it not included)
+    life_lost: bool  # a life was lost, or (Pong-like games) the opponent won the point
+
+
+@dataclass
+class Rollouts:
+    """What an :class:`EpisodeLoop` played: finished episodes, emulator errors, where the time went."""
+
+    records: list[EpisodeRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    policy_seconds: float = 0.0
+    env_seconds: float = 0.0
+
+
+class EpisodeLoop:
+    """Episodes played with one policy on wrapped environments in lockstep.
+
+    Each round, the policy answers every running environment at once (``act_batch``, e.g. the
+    VLM agent with one batched model call) or one by one (a plain :class:`Policy`, whose
+    ``reset()`` runs at every episode start, so a stateful plain policy needs one environment),
+    in the order of the environments; then each environment steps. An environment whose episode
+    ends starts the next episode at once, so episode ``k`` runs from ``reset(seed=seeds[k])``
+    whichever environment plays it.
+
+    Args:
+        policy: A batch policy or a plain :class:`Policy`. Decisions may carry ``valid=False``
+            (an unparsed answer played as NOOP); it is counted.
+        envs: :func:`~ilora.atari.envs.wrapped_env` stacks of one game and settings (further
+            wrapped as the run needs: :class:`~ilora.atari.envs.FireOnReset`, ``TimeLimit``).
+        seeds: One reset seed per episode to play.
+        see: What the policy sees of an observation (default: the observation itself).
+        on_step: Called after every agent step with a :class:`StepEvent`.
+        catch_env_errors: Record an emulator error and drop its environment (the episodes
+            finished so far and those the other environments finish are kept) instead of raising.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        envs: Sequence[gym.Env],
+        seeds: Sequence[int],
+        *,
+        see: Callable[[Observation], Observation] | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
+        catch_env_errors: bool = True,
+    ) -> None:
+        self.policy = policy
+        self.envs = envs
+        self.seeds = seeds
+        self.see = see
+        self.on_step = on_step
+        self.catch_env_errors = catch_env_errors
+        self.action_names = tuple(envs[0].unwrapped.get_action_meanings())
+        self.frame_skip: int = envs[0].get_wrapper_attr("frame_skip")
+        self.batched = callable(getattr(policy, "act_batch", None))
+        self.played = Rollouts()
+        self.next_episode = 0
+        # Per running environment: its episode's record and the observation to decide on.
+        self.running: dict[int, tuple[EpisodeRecord, Observation]] = {}
+
+    def run(self, progress: str | None = None) -> Rollouts:
+        """Play every episode; ``progress`` is the label of a progress bar over finished episodes (none if ``None``)."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(self.seeds), desc=progress, unit="ep", disable=progress is None)
+        try:
+            for i in range(len(self.envs)):
+                self._start(i)
+            while self.running:
+                order = sorted(self.running)
+                seen = [self._seen(self.running[i][1]) for i in order]
+                for i, observation, decision in zip(order, seen, self._decide(seen)):
+                    if self._step(i, observation, decision):
+                        bar.update(1)
+                        self._start(i)
+        finally:
+            bar.close()
+        self.played.records.sort(key=lambda r: r.episode)
+        return self.played
+
+    def _seen(self, observation: Observation) -> Observation:
+        return observation if self.see is None else self.see(observation)
+
+    def _decide(self, seen: list[Observation]) -> list[Decision]:
+        start = time.perf_counter()
+        if self.batched:
+            decisions = self.policy.act_batch(seen)
+        else:
+            decisions = [to_decision(self.policy(observation), self.action_names) for observation in seen]
+        self.played.policy_seconds += time.perf_counter() - start
+        return decisions
+
+    def _env_call(self, i: int, record: EpisodeRecord, call: Callable[[], tuple]) -> tuple | None:
+        """``call()`` on environment ``i``, timed; an emulator error drops the environment (``None``)."""
+        start = time.perf_counter()
+        try:
+            return call()
+        except Exception as err:  # the emulator's own errors are not ours to classify
+            if not self.catch_env_errors:
+                raise
+            self.running.pop(i, None)
+            self.played.errors.append(f"environment {i} in episode {record.episode}: {type(err).__name__}: {err}")
+            return None
+        finally:
+            self.played.env_seconds += time.perf_counter() - start
+
+    def _add_auto_fires(self, record: EpisodeRecord, info: dict) -> None:
+        fires = info.get(AUTO_FIRES, 0)
+        record.auto_fires += fires
+        record.score += info.get(AUTO_FIRE_REWARD, 0.0)
+        record.frames += fires * self.frame_skip
+
+    def _start(self, i: int) -> None:
+        """Start the next episode (if any is left) on environment ``i``."""
+        if self.next_episode >= len(self.seeds):
+            return
+        record = EpisodeRecord(episode=self.next_episode, seed=self.seeds[self.next_episode])
+        self.next_episode += 1
+        if not self.batched:
+            reset_policy(self.policy)
+        reset = self._env_call(i, record, lambda: self.envs[i].reset(seed=record.seed))
+        if reset is not None:
+            observation, info = reset
+            self._add_auto_fires(record, info)
+            self.running[i] = (record, observation)
+
+    def _step(self, i: int, observation: Observation, decision: Decision) -> bool:
+        """Play ``decision`` on environment ``i`` (``observation``: what it was decided on); True if the episode ended."""
+        record = self.running[i][0]
+        stepped = self._env_call(i, record, lambda: self.envs[i].step(self.action_names.index(decision.action)))
+        if stepped is None:
+            return False
+        after, reward, terminated, truncated, info = stepped
+        reward = float(reward)
+        valid = bool(getattr(decision, "valid", True))
+        step = record.length
+        record.length += 1
+        record.frames += self.frame_skip
+        record.score += reward
+        record.invalid_answers += not valid
+        record.action_counts[decision.action] = record.action_counts.get(decision.action, 0) + 1
+        if self.on_step is not None:
+            life_lost = lost_life_or_point(after.game, reward, info)
+            self.on_step(StepEvent(i, record.episode, step, observation, decision, valid, reward, record.score, life_lost))
+        self._add_auto_fires(record, info)
+        if terminated or truncated:
+            record.capped = bool(truncated and not terminated)
+            self.played.records.append(record)
+            del self.running[i]
+            return True
+        self.running[i] = (record, after)
+        return False
+
+
 @dataclass(frozen=True)
 class Step:
     """One agent step of a rollout: what was seen, what was decided, what followed."""
@@ -315,7 +536,7 @@ def run_episode(
     record: bool = False,
     on_step: Callable[[Step], None] | None = None,
 ) -> Episode:
-    """Play one episode of ``env`` with ``policy`` from ``reset(seed=seed)``.
+    """Play one episode of ``env`` with ``policy`` from ``reset(seed=seed)`` (an :class:`EpisodeLoop` of one).
 
     Args:
         policy: Any :class:`Policy`; its ``reset()`` (if any) is called first.
@@ -327,28 +548,23 @@ def run_episode(
 
     Returns:
         The episode's score, length and (if recorded) steps.
+
+    Raises:
+        Exception: The emulator's errors, as raised.
     """
-    reset_policy(policy)
-    observation = env.reset(seed=seed)
-    score, steps, length, truncated = 0.0, [], 0, False
-    while True:
-        decision = to_decision(policy(observation), env.action_names)
-        transition = env.step(decision.action)
-        if record or on_step is not None:
-            step = Step(observation, decision, transition.reward, transition.life_lost)
-            if record:
-                steps.append(step)
-            if on_step is not None:
-                on_step(step)
-        score += transition.reward
-        length += 1
-        observation = transition.observation
-        if transition.terminated:
-            break
-        if transition.truncated or (max_steps is not None and length >= max_steps):
-            truncated = True
-            break
-    return Episode(score, steps, length, truncated)
+    steps: list[Step] = []
+
+    def keep(event: StepEvent) -> None:
+        step = Step(event.observation, event.decision, event.reward, event.life_lost)
+        if record:
+            steps.append(step)
+        if on_step is not None:
+            on_step(step)
+
+    wrapped = env.wrapped if max_steps is None else TimeLimit(env.wrapped, max_steps)
+    played = EpisodeLoop(policy, [wrapped], [seed], on_step=keep, catch_env_errors=False).run()
+    (episode,) = played.records
+    return Episode(episode.score, steps, episode.length, episode.capped)
 
 
 # Two-sided 97.5% Student-t quantiles for small samples (df = n - 1); the normal 1.96 beyond.
