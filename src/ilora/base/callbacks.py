@@ -1,4 +1,4 @@
-"""Trainer callbacks shared by the project's trainings."""
+"""Trainer callbacks of the base pretraining (a wall-clock budget)."""
 
 from __future__ import annotations
 
