@@ -13,6 +13,7 @@ import pytest
 from ilora.config import load_yaml
 from ilora.experiment.config import ExperimentConfig
 from ilora.experiment.pipeline import Experiment
+from ilora.experiment.results import merged_models
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORE_BOUNDS = {"Pong": (-21, 21), "Breakout": (0, 864)}
@@ -27,7 +28,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_report_has_every_table_and_figure(quick_run):
-    _, run_dir, report = quick_run
+    config, run_dir, report = quick_run
     text = report.read_text()
     for heading in ["## 1. Single-task", "## 2. Routing-tuned", "### Damage to the other games", "## 3. General",
                     "## 4. Retention", "### Offline agreement", "## 5. Iterative", "## 6. LoRA activation norms",
@@ -39,10 +40,13 @@ def test_report_has_every_table_and_figure(quick_run):
         assert (folder / png).stat().st_size > 1000, png
     assert list(folder.glob("routed-*.gif"))
     summary = json.loads((folder / "summary.json").read_text())
-    for cells in summary["retention"].values():
-        for cell in cells:
-            value = cell.split(" ")[0]
-            assert value == "n/a" or math.isfinite(float(value))
+    methods = summary["merges"]["methods"]
+    assert set(methods) == set(merged_models(config))
+    for row in methods.values():
+        assert set(row["retention"]) == set(config.games)
+        values = [r["value"] for r in row["retention"].values()]
+        for value in [*values, row["mean"], row["min"]["value"], row["normalised_mean"]["value"]]:
+            assert value is None or math.isfinite(value)
 
 
 def test_every_score_is_in_range_with_ordered_ci(quick_run):

@@ -1,7 +1,9 @@
-"""The report's arithmetic on hand-made results: the bar, means over the games that meet it, ties."""
+"""The report's arithmetic on hand-made results: the bar, means over the games that meet it, ties,
+and ``summary.json`` holding the numbers the report shows."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -9,17 +11,31 @@ from types import SimpleNamespace
 
 import pytest
 
-from ilora.experiment.config import AblationSettings, ExperimentConfig
-from ilora.experiment.report import Results, best_labels, best_per_game, retention_row, score_change
+from ilora.experiment.config import AblationSettings, ExperimentConfig, MergeSettings
+from ilora.experiment.report import (
+    Results,
+    best_cell,
+    best_labels,
+    change_cell,
+    interval_cell,
+    retention_row,
+    score_change,
+    to_json,
+    write_report,
+)
+from ilora.experiment.stats import Estimate, Interval
 
 
 def summary(scores: list[float], ci_low: float) -> dict:
-    return {"scores": scores, "mean": sum(scores) / len(scores), "ci_low": ci_low}
+    mean = sum(scores) / len(scores)
+    return {"scores": scores, "mean": mean, "ci_low": ci_low, "ci_high": 2 * mean - ci_low, "hns": None}
 
 
-def fake_results(plays: dict[str, dict[str, dict]], references: dict[str, dict]) -> Results:
-    """A ``Results`` over stage results given as ``{model: {game: summary}}`` and ``{game: {"random"|"expert": summary}}``."""
-    stages = {f"eval/{m}": {"play": p} for m, p in plays.items()}
+def fake_experiment(plays: dict[str, dict[str, dict]], references: dict[str, dict], folder: Path | None = None):
+    """An experiment whose stage results are ``{model: {game: summary}}`` plays and
+    ``{game: {"random"|"expert": summary}}`` references; Table 4 merges I-LoRA only."""
+    general = {"accuracy": 0.5, "ci95_low": 0.4, "ci95_high": 0.6, "n": 100}
+    stages = {f"eval/{m}": {"play": p, "general": general} for m, p in plays.items()}
     stages |= {f"eval/reference/{g}": r for g, r in references.items()}
 
     def result(name: str) -> dict:
@@ -27,8 +43,14 @@ def fake_results(plays: dict[str, dict[str, dict]], references: dict[str, dict])
             raise KeyError(name)
         return stages[name]
 
-    cfg = ExperimentConfig(games=list(references), ablations=AblationSettings(variants={}))
-    return Results(SimpleNamespace(cfg=cfg, runner=SimpleNamespace(result=result)))
+    cfg = ExperimentConfig(games=list(references), ablations=AblationSettings(variants={}),
+                           merge=MergeSettings(methods=["ilora"], iterative=False, keep_sweep=[], orders=[]))
+    runner = SimpleNamespace(result=result, all_stages=lambda: [], folder=lambda name: (folder or Path("/nonexistent")) / name)
+    return SimpleNamespace(cfg=cfg, runner=runner)
+
+
+def fake_results(plays: dict[str, dict[str, dict]], references: dict[str, dict]) -> Results:
+    return Results(fake_experiment(plays, references))
 
 
 REFERENCES = {
@@ -43,7 +65,7 @@ PLAYS = {
     "routed/Noisy": {"Noisy": summary([9, 10, 11], 7.5)},
     "plain/Weak": {"Weak": summary([4, 4, 4], 4)},  # CI above random, closes only 0.4
     "routed/Weak": {"Weak": summary([9, 10, 11], 7.5)},
-    "merge/x": {"Good": summary([4, 5, 6], 2.5), "Noisy": summary([9, 10, 11], 7.5), "Weak": summary([0, 0, 0], 0)},
+    "merge/ilora": {"Good": summary([4, 5, 6], 2.5), "Noisy": summary([9, 10, 11], 7.5), "Weak": summary([0, 0, 0], 0)},
 }
 
 
@@ -62,29 +84,61 @@ def test_missing_adapter_fails_the_bar():
 def test_retention_mean_is_over_the_given_games_only():
     res = fake_results(PLAYS, REFERENCES)
     games = list(REFERENCES)
-    row = retention_row(res, "x", "merge/x", games, mean_over=["Good"])
-    good = res.retention("merge/x", "Good")[0]
-    assert good == pytest.approx(0.5)  # (5 - 0) / (10 - 0)
-    assert row[0] == "x" and len(row) == len(games) + 2
-    assert float(row[-1]) == pytest.approx(good, abs=0.005)
-    assert retention_row(res, "x", "merge/x", games, mean_over=[])[-1] == "n/a"
-    everything = retention_row(res, "x", "merge/x", games, mean_over=games)
-    assert float(everything[-1]) == pytest.approx(sum(res.retention("merge/x", g)[0] for g in games) / 3, abs=0.005)
+    row = retention_row(res, "merge/ilora", games, mean_over=["Good"])
+    good = res.retention("merge/ilora", "Good")
+    assert good.value == pytest.approx(0.5)  # (5 - 0) / (10 - 0)
+    assert good.low <= good.value <= good.high
+    assert list(row.retention) == games and row.retention["Good"] == good
+    assert row.mean == pytest.approx(good.value)
+    assert math.isnan(retention_row(res, "merge/ilora", games, mean_over=[]).mean)
+    everything = retention_row(res, "merge/ilora", games, mean_over=games)
+    assert everything.mean == pytest.approx(sum(res.retention("merge/ilora", g).value for g in games) / 3)
 
 
 def test_best_labels_lists_ties_and_skips_nan():
-    assert best_labels(["a", "b", "c"], [0.491, 0.489, math.nan]) == (["a", "b"], 0.49)
-    labels, top = best_labels(["a"], [math.nan])
-    assert labels == [] and math.isnan(top)
-    assert best_per_game(["a", "b"], [0.1, 0.7]) == "b (0.70)"
-    assert best_per_game(["a"], [math.nan]) == "n/a"
+    best = best_labels(["a", "b", "c"], [0.491, 0.489, math.nan])
+    assert (best.labels, best.value) == (["a", "b"], 0.49)
+    nothing = best_labels(["a"], [math.nan])
+    assert nothing.labels == [] and math.isnan(nothing.value)
+    assert best_cell(best_labels(["a", "b"], [0.1, 0.7])) == "b (0.70)"
+    assert best_cell(nothing) == "n/a"
 
 
 def test_score_change_is_against_the_base_model():
     plays = {**PLAYS, "base": {"Good": summary([1, 1, 1], 1)}}
     res = fake_results(plays, REFERENCES)
-    assert score_change(res, "merge/x", "Good") == "+4.0"
-    assert score_change(res, "merge/x", "Noisy") == "n/a"  # the base never played it
+    assert score_change(res, "merge/ilora", "Good") == pytest.approx(4.0)
+    assert math.isnan(score_change(res, "merge/ilora", "Noisy"))  # the base never played it
+    assert change_cell(score_change(res, "merge/ilora", "Good")) == "+4.0"
+    assert change_cell(math.nan) == "n/a"
+
+
+def test_to_json_writes_intervals_as_numbers_and_nan_as_null():
+    estimate = Estimate(0.5, math.nan, 0.75, draws=None)
+    assert to_json({"a": [Interval(1.0, 0.5, 2.0), estimate, math.nan, 3]}) == {
+        "a": [{"value": 1.0, "low": 0.5, "high": 2.0}, {"value": 0.5, "low": None, "high": 0.75}, None, 3]}
+
+
+def test_summary_json_holds_the_numbers_the_report_shows(tmp_path):
+    experiment = fake_experiment(PLAYS, REFERENCES, tmp_path / "run")
+    returned = write_report(experiment, tmp_path)
+    text = (tmp_path / "REPORT.md").read_text()
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == returned
+    assert saved["bar_games"] == ["Good"]
+    ilora = saved["merges"]["methods"]["ilora"]
+    assert ilora["retention"]["Good"]["value"] == pytest.approx(0.5)
+    assert ilora["mean"] == pytest.approx(0.5)  # over the games that meet the bar only
+    cells = [interval_cell(Interval(**{k: math.nan if v is None else v for k, v in ilora["retention"][g].items()}))
+             for g in saved["games"]]
+    assert f"| ilora | {' | '.join(cells)} | 0.50 |" in text
+    routed = saved["merges"]["methods"]["routed single-game adapters"]["retention"]["Good"]
+    assert routed["value"] == pytest.approx((9 - 0) / (10 - 0))
+    assert saved["single_task"]["Weak"]["plain_gap_closed"] == pytest.approx(0.4)
+    assert saved["single_task"]["Good"]["base"] is None  # the base never played
+    assert saved["merges"]["best"]["labels"] == ["ilora"] and "Best mean retention: **ilora**." in text
+    assert saved["general"]["merge/ilora"] == {"accuracy": {"value": 0.5, "low": 0.4, "high": 0.6}, "n": 100}
+    assert "| merge/ilora | 0.500 [0.400, 0.600] | 100 |" in text
 
 
 @pytest.mark.parametrize(

@@ -25,22 +25,34 @@ NEAR_RANDOM = 0.25  # a single-task CI this close to random (share of the expert
 BAR_GAP = 0.5  # share of the random-to-expert gap an agent must close for its game's retention to count
 
 
-def ratio_ci(model: list[float], single: list[float], random: float, seed: int = 0) -> tuple[float, float, float]:
-    """Retention and its bootstrap 95% CI; NaN when the single-task agent does not beat random."""
+def ratio_ci(model: list[float], single: list[float], random: float, seed: int = 0) -> stats.Interval:
+    """Retention and its bootstrap 95% CI.
+
+    Args:
+        model: the model's episode scores.
+        single: the single-task agent's episode scores.
+        random: the random policy's mean score.
+        seed: seeds the bootstrap.
+
+    Returns:
+        ``(mean(model) - random) / (mean(single) - random)`` with its interval; NaN when the
+        single-task agent does not beat random.
+    """
     m, s = np.asarray(model, float), np.asarray(single, float)
     denom = s.mean() - random
     if len(m) == 0 or len(s) == 0 or denom <= 0:
-        return math.nan, math.nan, math.nan
+        return stats.Interval(math.nan, math.nan, math.nan)
     rng = np.random.default_rng(seed)
     mb = rng.choice(m, (BOOTSTRAP, len(m))).mean(1) - random
     sb = rng.choice(s, (BOOTSTRAP, len(s))).mean(1) - random
     ok = sb > 0
     draws = mb[ok] / sb[ok]
     lo, hi = (np.percentile(draws, [2.5, 97.5]) if ok.any() else (math.nan, math.nan))
-    return float((m.mean() - random) / denom), float(lo), float(hi)
+    return stats.Interval(float((m.mean() - random) / denom), float(lo), float(hi))
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
+    """``x`` to ``digits`` decimals; ``n/a`` for None or NaN."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -62,14 +74,18 @@ class Results:
         r = self.evals(model)
         return None if r is None else r["play"].get(game)
 
+    def score(self, model: str, game: str) -> stats.Interval | None:
+        """``model``'s mean score on ``game`` with its 95% t-interval (None: not played)."""
+        return score_interval(self.play(model, game))
+
     def reference(self, game: str, who: str) -> dict:
         return self.x.runner.result(f"eval/reference/{game}")[who]
 
-    def retention(self, model: str, game: str, single: str | None = None) -> tuple[float, float, float]:
+    def retention(self, model: str, game: str, single: str | None = None) -> stats.Interval:
         single = single or f"plain/{game}"
         m, s = self.play(model, game), self.play(single, game)
         if m is None or s is None:
-            return math.nan, math.nan, math.nan
+            return stats.Interval(math.nan, math.nan, math.nan)
         return ratio_ci(m["scores"], s["scores"], self.reference(game, "random")["mean"], self.cfg.seed)
 
     def gap_closed(self, model: str, game: str) -> float:
@@ -98,6 +114,11 @@ class Results:
         return why
 
 
+def score_interval(summary: dict | None) -> stats.Interval | None:
+    """A play summary's mean score and 95% t-interval (None for no summary)."""
+    return None if not summary else stats.Interval(summary["mean"], summary["ci_low"], summary["ci_high"])
+
+
 def stage_minutes(experiment) -> dict[str, float]:
     """Minutes of each stage's own run time (its first computation), summed by the kind of stage:
     data, training of plain / routed / joint / ablation adapters, grams, merge, eval, analysis."""
@@ -119,10 +140,6 @@ def own_routed(game: str) -> str:
 
 def own_refit(game: str) -> str:
     return f"refit/{game}"
-
-
-def estimate_cell(e: stats.Estimate) -> str:
-    return f"{fmt(e.value)} [{fmt(e.low)}, {fmt(e.high)}]"
 
 
 class SeedResults:

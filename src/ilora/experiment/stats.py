@@ -49,17 +49,23 @@ class SeedCell:
 
 
 @dataclass
-class Estimate:
-    """A point estimate with its 95% interval and the bootstrap draws behind it."""
+class Interval:
+    """A point estimate with its 95% interval (NaN where undefined)."""
 
     value: float
     low: float
     high: float
-    draws: np.ndarray
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, float | None]:
         """JSON-able numbers (``None`` for NaN, which JSON cannot hold)."""
         return {k: (None if math.isnan(v) else v) for k, v in (("value", self.value), ("low", self.low), ("high", self.high))}
+
+
+@dataclass
+class Estimate(Interval):
+    """A point estimate with its 95% interval and the bootstrap draws behind it."""
+
+    draws: np.ndarray
 
 
 def seed_picks(n_seeds: int, rng: np.random.Generator, draws: int = DRAWS) -> np.ndarray:
