@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from ilora.experiment.config import AblationSettings, ExperimentConfig, MergeSettings
@@ -23,6 +24,7 @@ from ilora.experiment.report import (
     to_json,
     write_report,
 )
+from ilora.experiment.seed_report import ranking, ranking_line
 from ilora.experiment.stats import Estimate, Interval
 
 
@@ -139,6 +141,22 @@ def test_summary_json_holds_the_numbers_the_report_shows(tmp_path):
     assert saved["merges"]["best"]["labels"] == ["ilora"] and "Best mean retention: **ilora**." in text
     assert saved["general"]["merge/ilora"] == {"accuracy": {"value": 0.5, "low": 0.4, "high": 0.6}, "n": 100}
     assert "| merge/ilora | 0.500 [0.400, 0.600] | 100 |" in text
+
+
+def test_seed_ranking_calls_best_only_a_separated_leader_and_skips_single_game_rows():
+    def estimate(value: float, draws: list[float]) -> Estimate:
+        return Estimate(value, min(draws), max(draws), np.asarray(draws))
+
+    a, b = estimate(0.9, [0.85, 0.9, 0.95]), estimate(0.5, [0.45, 0.5, 0.55])
+    close = estimate(0.88, [0.87, 0.96, 0.9])  # beats a in one paired draw
+    routed = estimate(1.0, [1.0, 1.0, 1.0])
+    r = ranking({"a": a, "b": b, "routed single-game adapters": routed})
+    assert (r.best, r.runner_up, r.separates) == ("a", "b", True)
+    assert ranking_line(r).startswith("Best mean retention: **a** (0.90), ahead of b (0.50)")
+    r = ranking({"a": a, "close": close})
+    assert (r.best, r.runner_up, r.separates) == ("a", "close", False)
+    assert ranking_line(r).startswith("Highest mean retention: a (0.90), but it does not separate")
+    assert ranking({"a": a, "nan": estimate(math.nan, [math.nan])}) is None
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ class MergeTable:
 
     Attributes:
         best: ranked by mean retention, every row but the last.
-        best_per_game: the same ranking per game, on point estimates.
+        best_per_game: the same rows ranked per game on point estimates (NaN for a model per game).
         near_random: games whose single-task 95% CI reaches within ``NEAR_RANDOM`` of random.
     """
 
@@ -300,6 +300,9 @@ def merge_table(res: Results, sr: SeedResults, models: dict[str, ModelRef], scor
         low = stats.combine([sr.retention(model, g) for g in scored], "min")
         norm = stats.combine([sr.normalised(model, g) for g in scored], "mean")
         rows[label] = MergeRow(row.retention, row.mean, _interval(low), _interval(norm))
+    # Ranked as this report always has (published reports depend on it): every row but the last,
+    # per game on a model per game's NaN; with refit adapters the routed single-game row is then
+    # ranked by its mean (the seed report leaves every single-game row out).
     ranked = list(rows)[:-1]
     return MergeTable(
         methods=rows, best=best_labels(ranked, [rows[label].mean for label in ranked]),
