@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ilora.errors import IloraError
-from ilora.experiment.schedule import Job, Schedule
+from ilora.experiment.schedule import Job, Schedule, run_jobs
 
 
 def jobs() -> list[Job]:
@@ -58,3 +60,92 @@ def test_bad_job_graphs_are_refused_with_the_job_named():
         Schedule([Job("eval/x", "evaluate", deps=("train/x",))])
     with pytest.raises(IloraError, match="cycle: a -> b -> a"):
         Schedule([Job("a", "m", deps=("b",)), Job("b", "m", deps=("a",))])
+
+
+def test_a_failed_job_blocks_exactly_what_reads_it():
+    s = Schedule(jobs())
+    for key in ("data/a", "data/b"):
+        s.finish(s.jobs[key])
+    s.start(s.jobs["train/short"])
+    s.fail(s.jobs["train/short"])
+    assert keys(s) == ["train/long"]  # independent work goes on
+    assert s.blocked() == sorted(["eval/short", "merge", "eval/merge"])  # eval/merge reads it through the merge
+
+
+class Handle:
+    """One call's outcome (a distinct object per call, as a future is)."""
+
+    def __init__(self, error: Exception | None):
+        self.error = error
+
+
+class InlineExecutor:
+    """An executor computing each call at submission (the loop's logic without processes)."""
+
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    def submit(self, fn, args, resources):
+        self.submitted.append(args[0])
+        try:
+            fn(*args)
+        except Exception as err:
+            return Handle(err)
+        return Handle(None)
+
+    def wait(self, handles):
+        return handles[:1]
+
+    def result(self, handle):
+        if handle.error is not None:
+            raise handle.error
+
+
+class Host:
+    """Jobs whose stage is a set entry; ``broken`` ones raise, ``cached`` ones are done already."""
+
+    def __init__(self, broken=(), cached=()):
+        self.done: set[str] = set(cached)
+        self.broken, self.here = set(broken), []
+
+    def compute(self, key):
+        if key in self.broken:
+            raise ValueError(f"{key} is broken")
+        self.done.add(key)
+
+    def register(self, job, computed_elsewhere=False):
+        return job.key in self.done
+
+    def run_here(self, job):
+        self.here.append(job.key)
+        self.compute(job.key)
+
+    def remote_call(self, job):
+        return self.compute, (job.key,)
+
+    def log_path(self, job):
+        return Path("logs") / job.key
+
+
+def test_run_jobs_reports_a_failure_with_its_log_and_runs_what_does_not_read_it():
+    host, executor, lines = Host(broken={"train/short"}, cached={"data/a"}), InlineExecutor(), []
+    outcome = run_jobs(Schedule(jobs()), host, lambda: executor, slots=2, log=lines.append)
+    assert outcome.cached == ["data/a"]
+    assert [f.stage for f in outcome.failed] == ["train/short"]
+    assert outcome.failed[0].log == Path("logs/train/short") and "broken" in outcome.failed[0].error
+    assert sorted(outcome.computed) == ["data/b", "train/long"]
+    assert outcome.blocked == ["eval/merge", "eval/short", "merge"]
+    assert host.here == []  # the merge (local) never became ready
+    assert sum("FAILED" in line and "logs/train/short" in line for line in lines) == 1
+    assert sum(" done; " in line for line in lines) == len(outcome.computed)
+
+
+def test_run_jobs_computes_local_jobs_here_and_the_rest_on_the_executor():
+    host, executor = Host(), InlineExecutor()
+    outcome = run_jobs(Schedule(jobs()), host, lambda: executor, slots=2, log=lambda _: None)
+    assert host.here == ["merge"]
+    assert sorted(executor.submitted) == sorted(k for k in host.done if k != "merge")
+    assert not outcome.failed and not outcome.blocked and len(outcome.computed) == len(jobs())
+    serial = Host()
+    run_jobs(Schedule(jobs()), serial, lambda: pytest.fail("one slot: no executor"), slots=1, log=lambda _: None)
+    assert sorted(serial.here) == sorted(j.key for j in jobs())

@@ -107,13 +107,13 @@ def test_the_headline_seeds_config_trains_plain_and_continual_adapters_only():
     config = load_yaml(ExperimentConfig, ROOT / "configs" / "seeds.yaml")
     experiment = Experiment(replicate_configs(config)[0])
     games = config.games
-    trained = [spec.name for spec in experiment.training_jobs()]
+    trained = [spec.name for spec in experiment.plan.adapters]
     assert trained == [*[f"plain/{g}" for g in games], f"routed/{games[0]}", *[f"continual/{g}" for g in games[1:]]]
     stages = {job.key for job in experiment.jobs()}
     assert not {s for s in stages if s.startswith(("grams/", "analysis/interference", "merge/", "iter", "train/joint"))}
     assert {f"merge-continual/{m}" for m in config.continual.methods} <= stages
     full = load_yaml(ExperimentConfig, ROOT / "configs" / "seeds_full.yaml")
-    assert set(trained) < {spec.name for spec in Experiment(replicate_configs(full)[0]).training_jobs()}
+    assert set(trained) < {spec.name for spec in Experiment(replicate_configs(full)[0]).plan.adapters}
 
 
 @pytest.mark.slow

@@ -12,6 +12,29 @@ from ilora.routing.select import SELECTION_RULES, GateConfig
 DEFAULT_GAMES = ["Pong", "Breakout", "Freeway", "Boxing"]
 
 
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """The routing loss's weights, ``eps_lm·L_lm + eps_kl·L_kl + eps_norm·L_norm``
+    (:class:`ilora.routing.trainer.RoutingConfig` takes them as keyword arguments)."""
+
+    eps_lm: float = 1.0
+    eps_kl: float = 0.0
+    eps_norm: float = 0.0
+
+    @property
+    def routed(self) -> bool:
+        """Whether general rows get a loss (plain LoRA: neither KL nor norm)."""
+        return self.eps_kl > 0 or self.eps_norm > 0
+
+    def plain(self) -> LossWeights:
+        """These weights without the general rows' terms (plain LoRA)."""
+        return dataclasses.replace(self, eps_kl=0.0, eps_norm=0.0)
+
+    def on_general_rows(self) -> dict[str, float]:
+        """The general rows' weights: an adapter stage's ``weights`` setting (``eps_lm`` is in ``train``)."""
+        return {"eps_kl": self.eps_kl, "eps_norm": self.eps_norm}
+
+
 @dataclasses.dataclass
 class DataSettings:
     """Expert data per game and general data."""
@@ -53,6 +76,11 @@ class TrainSettings:
     )
     dtype: str = field("float32", help="model dtype for training and play")
 
+    @property
+    def loss_weights(self) -> LossWeights:
+        """The routed adapters' loss weights."""
+        return LossWeights(self.eps_lm, self.eps_kl, self.eps_norm)
+
 
 @dataclasses.dataclass
 class AdapterSettings:
@@ -83,8 +111,20 @@ class AblationSettings:
             "norm_x10": {"eps_kl": 0.01, "eps_norm": 20.0},
             "norm_x50": {"eps_kl": 0.01, "eps_norm": 100.0},
         },
-        help="name -> loss weights; plain (0, 0) and the main routed weights are always in the table",
+        help="name -> loss weights eps_kl and eps_norm (an unset one is 0; eps_lm is train.eps_lm); plain (0, 0) and "
+        "the main routed weights are always in the table",
     )
+
+    def __post_init__(self) -> None:
+        allowed = {"eps_kl", "eps_norm"}
+        for name, weights in self.variants.items():
+            unknown = sorted(set(weights) - allowed)
+            if unknown:
+                raise IloraError(f"ablations.variants.{name}: unknown loss weight(s) {unknown}; known: {sorted(allowed)}")
+
+    def loss_weights(self, train: TrainSettings) -> dict[str, LossWeights]:
+        """Variant -> its loss weights (``eps_lm`` from ``train``)."""
+        return {name: LossWeights(train.eps_lm, **weights) for name, weights in self.variants.items()}
 
 
 @dataclasses.dataclass

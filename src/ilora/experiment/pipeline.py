@@ -1,42 +1,49 @@
 """The end-to-end experiment: base model -> data -> adapters -> merges -> play -> report.
 
-Every unit of work is a cached stage (``ilora.experiment.stages``): rerunning the same config
-skips what is done, an interrupted run resumes, ``--force PREFIX`` redoes stages, and a
-deleted stage folder is redone together with everything that read it.
-
-Model names used throughout (and in the report):
-``base``, ``plain/<game>`` (single-task LoRA), ``routed/<game>`` (routing-tuned LoRA),
-``joint`` (one LoRA on all games' data), ``merge/<method>`` (routed adapters merged all at
-once), ``iter/<order>/<k>`` (I-LoRA merging one game at a time, after k games),
-``keep/<ratio>`` (I-LoRA with another keep ratio), ``ablation/<variant>/<game>`` and
-``ablation-merge/<variant>`` (loss ablations on a pair of games), ``refit/<game>`` (a routed
-adapter trained on with the other games' routed adapters folded into the base),
-``continual/<game>`` (trained, in the order of games, with the earlier games' continual
-adapters folded into the base), ``merge-refit/<method>`` and ``merge-continual/<method>``
-(those adapters merged all at once).
+Every unit of work is a cached stage (``ilora.experiment.stages``) described by a typed spec of
+the experiment's plan (``ilora.experiment.plan``, which also names the models): rerunning the
+same config skips what is done, an interrupted run resumes, ``--force PREFIX`` redoes stages,
+and a deleted stage folder is redone together with everything that read it. Stages not cached
+run as Ray tasks (``ilora.experiment.ray_runner``), on this machine or a cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import shutil
 import sys
-import time
+import traceback
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ilora.atari.games import DEFAULT_FRAME_SKIP
 from ilora.config import to_dict
 from ilora.errors import IloraError
 from ilora.experiment.config import ExperimentConfig
 from ilora.experiment.evaluation import own_episodes, resolve_device
+from ilora.experiment.plan import (
+    Activations,
+    AdapterSpec,
+    EvalSpec,
+    GameData,
+    GeneralData,
+    Grams,
+    Interference,
+    MergeSpec,
+    Reference,
+    Selection,
+    StageSpec,
+    TunedMerge,
+    build_plan,
+)
+from ilora.experiment.plan import iterative_name as iterative_name  # re-exported: results.py reads it here
 from ilora.experiment.schedule import (
     AGENT_STEP_SECONDS,
     GENERAL_ROW_SECONDS,
@@ -46,45 +53,15 @@ from ilora.experiment.schedule import (
     TRAIN_ROW_SECONDS,
     TRIAL_ROW_SECONDS,
     Job,
+    LocalExecutor,
+    Resources,
+    RunOutcome,
     Schedule,
+    run_jobs,
 )
 from ilora.experiment.stages import StageNotCached, StageRunner
 from ilora.fileio import file_sha256
 from ilora.models.load import builtin_base
-
-PLAIN = {"eps_kl": 0.0, "eps_norm": 0.0}
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One adapter the experiment trains (stage ``train/<name>``).
-
-    Attributes:
-        name: the model name (``plain/Pong``, ``routed/Pong``, ``joint``, ...).
-        task: the games whose rows get the LM loss.
-        weights: ``eps_kl`` and ``eps_norm`` (both 0: plain LoRA, no general rows).
-        steps: optimiser steps; ``None``: ``train.max_steps``, matched to task rows when routed.
-        fold: adapters (model names) added to the base weights before training, frozen.
-        init: the adapter (model name) training continues from; ``None``: a fresh LoRA.
-        steps_share: the share of those steps this adapter takes.
-    """
-
-    name: str
-    task: tuple[str, ...]
-    weights: dict[str, float]
-    steps: int | None = None
-    fold: tuple[str, ...] = ()
-    init: str | None = None
-    steps_share: float = 1.0
-
-    @property
-    def routed(self) -> bool:
-        return self.weights["eps_kl"] > 0 or self.weights["eps_norm"] > 0
-
-    @property
-    def starts_from(self) -> list[str]:
-        """The adapters this one is trained on or from (folded ones, then the initial one)."""
-        return [*self.fold, *([self.init] if self.init else [])]
 
 
 @dataclass
@@ -95,18 +72,36 @@ class ModelSpec:
     merged: Path | None = None
 
 
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """Where the stages that are not cached run (how, not what: no stage's settings).
+
+    Attributes:
+        executor: ``ray`` (Ray tasks) or ``local`` (this machine's worker processes, where Ray
+            cannot start: see :class:`~ilora.experiment.schedule.LocalExecutor`).
+        address: a Ray cluster to run on; ``None``: ``RAY_ADDRESS`` when set, else this machine.
+        gpus: GPUs each model stage (training, play, Grams, search) holds; 0 on a CPU machine.
+    """
+
+    executor: Literal["ray", "local"] = "ray"
+    address: str | None = None
+    gpus: float = 0.0
+
+
 class Experiment:
     """Runs the stages of one experiment config in its run folder."""
 
     def __init__(
         self, config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] | None = None,
-        workers: int | None = None,
+        workers: int | None = None, execution: ExecutionSettings = ExecutionSettings(),
     ):
         self.cfg = config
         log = log or print_now  # worker processes print to a pipe or file too: flush every line
         self.runner = StageRunner(Path(config.run_dir), force=force, log=log)
         self.log = log
         self.workers = config.workers if workers is None else workers
+        self.execution = execution
+        self.plan = build_plan(config)  # a config the stages cannot honour fails here
         self.models: dict[str, ModelSpec] = {}
 
     # ----------------------------------------------------------------- helpers
@@ -135,11 +130,11 @@ class Experiment:
         source = file_sha256(builtin_base() / "model.safetensors") if self.cfg.base == "builtin" else self.cfg.base
         self.stage("base", {"base": self.cfg.base, "source": source}, build)
 
-    def collect(self, game: str) -> None:
-        """Expert data of ``game`` (stage ``data/<game>``): training and held-out episodes."""
+    def collect(self, spec: GameData) -> None:
+        """Expert data of a game (stage ``data/<game>``): training and held-out episodes."""
         from ilora.atari.collect import ROW_LAYOUT, collect_dataset
 
-        d = self.cfg.data
+        d, game = self.cfg.data, spec.game
 
         def run(folder: Path):
             opts = dict(object_text=d.object_text, reasoning=d.reasoning, max_steps=d.max_steps)
@@ -150,9 +145,9 @@ class Experiment:
             return {"train_rows": len(train), "heldout_rows": len(held)}
 
         collection = {k: getattr(d, k) for k in ("episodes", "heldout_episodes", "max_steps", "object_text", "reasoning")}
-        self.stage(f"data/{game}", {**collection, "game": game, "seed": self.cfg.seed, "layout": ROW_LAYOUT}, run)
+        self.stage(spec.stage, {**collection, "game": game, "seed": self.cfg.seed, "layout": ROW_LAYOUT}, run, spec.deps)
 
-    def general_data(self) -> None:
+    def general_data(self, spec: GeneralData) -> None:
         """General training and benchmark rows (stage ``data/general``)."""
         from ilora.general.data import generate_general
 
@@ -163,7 +158,7 @@ class Experiment:
             generate_general(d.general_eval_rows, self.cfg.seed, "test").save_to_disk(str(folder / "test"))
             return {"train_rows": d.general_rows, "test_rows": d.general_eval_rows}
 
-        self.stage("data/general", {"rows": d.general_rows, "eval": d.general_eval_rows, "seed": self.cfg.seed}, run)
+        self.stage(spec.stage, {"rows": d.general_rows, "eval": d.general_eval_rows, "seed": self.cfg.seed}, run, spec.deps)
 
     def train(self, spec: AdapterSpec) -> None:
         """Train adapter ``spec.name`` on its task games' data; general rows join when the weights route them."""
@@ -173,20 +168,17 @@ class Experiment:
         from ilora.routing.trainer import RoutingConfig
 
         t, d = self.cfg.train, self.cfg.data
-        task_games, weights, steps, routed = list(spec.task), spec.weights, spec.steps, spec.routed
-        others = [g for g in self.cfg.games if g not in task_games] if routed else []
-        deps = ["base"] + [f"data/{g}" for g in task_games + others] + (["data/general"] if routed else [])
+        task_games, others, steps, routed = list(spec.task), list(spec.others), spec.steps, spec.routed
         # The joint adapter's own step count is in "steps"; the factor behind it concerns no other stage.
         train_settings = {k: v for k, v in to_dict(t).items() if k != "joint_steps_factor"}
-        settings = {"train": train_settings, "weights": weights, "task": task_games, "others": others, "steps": steps}
-        starts_from = spec.starts_from
-        for model in starts_from:
+        settings = {"train": train_settings, "weights": spec.weights.on_general_rows(), "task": task_games,
+                    "others": others, "steps": steps}
+        for model in spec.starts_from:
             self.ensure(model)
         fold = [self.models[m].adapter for m in spec.fold]
         init = self.models[spec.init].adapter if spec.init else None
-        if starts_from:
+        if spec.starts_from:
             settings["starts_from"] = {"fold": list(spec.fold), "init": spec.init, "steps_share": spec.steps_share}
-            deps += [self.stage_of(m) for m in starts_from]
 
         def fit(folder: Path):
             import torch
@@ -215,9 +207,7 @@ class Experiment:
                 lora_alpha=t.lora_alpha,
                 lora_dropout=t.lora_dropout,
                 lora_parts=list(t.lora_parts),
-                eps_lm=t.eps_lm,
-                eps_kl=weights["eps_kl"],
-                eps_norm=weights["eps_norm"],
+                **dataclasses.asdict(spec.weights),
                 seed=self.cfg.seed,
                 save_strategy="no",
                 logging_steps=max(1, n_steps // 10),
@@ -235,29 +225,33 @@ class Experiment:
             final = next((h for h in reversed(log) if "train_loss" in h), log[-1] if log else {})
             return {"steps": n_steps, "task_rows": n_task, "final": final}
 
-        self.stage(f"train/{spec.name}", settings, fit, deps)
-        self.models[spec.name] = ModelSpec(adapter=self.runner.folder(f"train/{spec.name}") / "adapter")
+        self.stage(spec.stage, settings, fit, spec.deps)
+        self.models[spec.name] = ModelSpec(adapter=self.runner.folder(spec.stage) / "adapter")
 
-    def merge(self, name: str, adapters: list[str], method: str, options: dict[str, Any]) -> None:
-        """Merge trained adapters (or, for ``iter``, a merged state plus one adapter) into ``merge/...``."""
+    def merge(self, spec: MergeSpec) -> None:
+        """Merge trained adapters (or, iteratively, a merged state plus one adapter)."""
         from ilora.merge import merge_adapters
 
+        for source in spec.inputs:
+            self.ensure(source)
+
         def run(folder: Path):
-            inputs = [self.models[a].adapter or self.models[a].merged for a in adapters]
+            inputs = [self.models[a].adapter or self.models[a].merged for a in spec.inputs]
             state = merge_adapters(
-                [str(p) for p in inputs], method, base=self.base_path, out=folder / "state", progress=False, **options
+                [str(p) for p in inputs], spec.method, base=self.base_path, out=folder / "state", progress=False,
+                **spec.options,
             )
             return {"modules": len(state.deltas)}
 
-        deps = ["base"] + [self.stage_of(a) for a in adapters]
-        self.stage(name, {"method": method, "inputs": adapters, "options": options}, run, deps)
-        self.models[name] = ModelSpec(merged=self.runner.folder(name) / "state")
+        self.stage(spec.stage, spec.settings(), run, spec.deps)
+        self.models[spec.name] = ModelSpec(merged=self.runner.folder(spec.stage) / "state")
 
-    def grams(self, game: str) -> None:
-        """``game``'s routed adapter with its input Grams on task and general rows (stage
+    def grams(self, spec: Grams) -> None:
+        """A game's routed adapter with its input Grams on task and general rows (stage
         ``grams/<game>``), the input of data-aware merges and of the interference analysis."""
         from ilora.routing.grams import compute_adapter_grams
 
+        game = spec.game
         self.ensure(f"routed/{game}")
         source = self.models[f"routed/{game}"].adapter
         n = self.cfg.merge.grams_rows
@@ -274,9 +268,8 @@ class Experiment:
             )
             return {"task_rows": min(n, len(task)), "general_rows": min(n, len(general))}
 
-        deps = ["base", f"train/routed/{game}", f"data/{game}", "data/general"]
-        self.stage(f"grams/{game}", {"rows": n}, run, deps)
-        self.models[f"grams/{game}"] = ModelSpec(adapter=self.runner.folder(f"grams/{game}") / "adapter")
+        self.stage(spec.stage, {"rows": n}, run, spec.deps)
+        self.models[spec.stage] = ModelSpec(adapter=self.runner.folder(spec.stage) / "adapter")
 
     def validation_rows(self, game: str, n: int) -> list[dict]:
         """``n`` held-out rows of ``game`` after those the report scores agreement and margins on:
@@ -293,7 +286,7 @@ class Experiment:
             self.ensure(f"routed/{game}")
         return {g: self.models[f"routed/{g}"].adapter for g in self.cfg.games}
 
-    def tuned_merge(self) -> None:
+    def tuned_merge(self, spec: TunedMerge) -> None:
         """The routed adapters merged with the setting a search found best by its reward on
         validation rows (stage ``tuned-merge``: ``search/`` holds every trial, ``state/`` the merge)."""
         from ilora.experiment.tune_merge import tune_merge
@@ -313,17 +306,16 @@ class Experiment:
                     "default_objective": best.default_objective, "strategy": best.strategy, "trial": best.trial,
                     "trials": search.trials * len(search.strategies), "best_per_strategy": best.best_per_strategy}
 
-        deps = ["base", "data/general", *[f"data/{g}" for g in games], *[f"train/routed/{g}" for g in games]]
         settings = {"search": search, "validation_from": self.cfg.eval.agreement_rows}
-        self.stage("tuned-merge", settings, run, deps)
-        self.models["tuned-merge"] = ModelSpec(merged=self.runner.folder("tuned-merge") / "state")
+        self.stage(spec.stage, settings, run, spec.deps)
+        self.models[spec.stage] = ModelSpec(merged=self.runner.folder(spec.stage) / "state")
 
-    def evaluate_selection(self, rule: str) -> None:
-        """Play every game with a skill chosen per step by ``rule`` among the routed adapters
+    def evaluate_selection(self, spec: Selection) -> None:
+        """Play every game with a skill chosen per step by a rule among the routed adapters
         (stage ``eval/select/<rule>``), with the rule's pick accuracy and cost on held-out rows."""
         from ilora.experiment.evaluation import evaluate_selection
 
-        s, games = self.cfg.selection, list(self.cfg.games)
+        s, games, rule = self.cfg.selection, list(self.cfg.games), spec.rule
         adapters = self.routed_adapters()
 
         def run(folder: Path):
@@ -331,131 +323,44 @@ class Experiment:
             heldout = {g: self.load_rows(f"data/{g}", "heldout") for g in games}
             return evaluate_selection(self.base_path, adapters, rule, self.cfg, folder, heldout, gate_rows)
 
-        deps = ["base", *[f"data/{g}" for g in games], *[f"train/routed/{g}" for g in games]]
         settings = {"eval": self.eval_settings(own_game=False), "rule": rule, "seed": self.cfg.seed,
                     **({"gate": s.gate, "gate_rows": s.gate_rows} if rule == "gate" else {})}
-        self.stage(f"eval/select/{rule}", settings, run, deps)
-
-    def stage_of(self, model: str) -> str:
-        """The stage that produced a model: ``train/<name>`` for an adapter, the merge's own name otherwise."""
-        return f"train/{model}" if model in {spec.name for spec in self.training_jobs()} else model
-
-    def training_jobs(self) -> list[AdapterSpec]:
-        """Every adapter the experiment trains."""
-        t = self.cfg.train
-        routed_weights = {"eps_kl": t.eps_kl, "eps_norm": t.eps_norm}
-        factor = len(self.cfg.games) if t.joint_steps_factor is None else t.joint_steps_factor
-        games = tuple(self.cfg.games)
-        jobs = [AdapterSpec("joint", games, PLAIN, int(t.max_steps * factor))] if self.cfg.adapters.joint else []
-        jobs += [AdapterSpec(f"plain/{game}", (game,), PLAIN) for game in games]
-        jobs += [AdapterSpec(f"routed/{game}", (game,), routed_weights) for game in self.cfg.routed_games()]
-        for variant, weights in self.cfg.ablations.variants.items():
-            jobs += [AdapterSpec(f"ablation/{variant}/{g}", (g,), {**PLAIN, **weights}) for g in self.cfg.ablations.games]
-        if self.cfg.refit.enabled:
-            jobs += [
-                AdapterSpec(f"refit/{g}", (g,), routed_weights, fold=tuple(f"routed/{o}" for o in games if o != g),
-                            init=f"routed/{g}", steps_share=self.cfg.refit.steps_share)
-                for g in games
-            ]
-        if self.cfg.continual.enabled:
-            continual = self.continual_adapters()
-            jobs += [AdapterSpec(continual[k], (g,), routed_weights, fold=tuple(continual[:k]))
-                     for k, g in enumerate(games) if k > 0]
-        return jobs
-
-    def continual_adapters(self) -> list[str]:
-        """The continual adapter of each game in order: the first game's is its routed adapter (a
-        continual adapter with nothing to fold in is trained exactly like it)."""
-        games = list(self.cfg.games)
-        return [f"routed/{games[0]}", *[f"continual/{g}" for g in games[1:]]]
-
-    def merge_jobs(self) -> list[tuple]:
-        """``(name, input models, method, options)`` of every merge, each after the merges it reads."""
-        m = self.cfg.merge
-        routed = [f"routed/{g}" for g in self.cfg.games]
-        jobs: list[tuple] = []
-        for method in m.methods:
-            jobs.append((f"merge/{method}", self.merge_inputs(method, self.cfg.games), method, self.merge_options(method)))
-        for method in self.cfg.refit.methods if self.cfg.refit.enabled else ():
-            inputs = self.merge_inputs(method, self.cfg.games, kind="refit")
-            jobs.append((f"merge-refit/{method}", inputs, method, self.merge_options(method)))
-        for method in self.cfg.continual.methods if self.cfg.continual.enabled else ():
-            inputs = self.merge_inputs(method, self.cfg.games, kind="continual")
-            jobs.append((f"merge-continual/{method}", inputs, method, self.merge_options(method)))
-        jobs += [(f"keep/{keep:g}", routed, "ilora", {"keep": keep}) for keep in m.keep_sweep if keep != m.keep]
-        sequences = [("ilora", order) for order in [list(self.cfg.games)] + [list(o) for o in m.orders]] if m.iterative else []
-        sequences += [(method, list(self.cfg.games)) for method in m.iterative_methods]
-        for method, order in sequences:
-            inputs = self.merge_inputs(method, order)
-            previous = inputs[0]
-            for k in range(2, len(order) + 1):
-                name = iterative_name(method, order, k)
-                jobs.append((name, [previous, inputs[k - 1]], method, self.merge_options(method)))
-                previous = name
-        pair = self.cfg.ablation_pair()
-        variants = {"plain": "plain", "routed": "routed", **{v: f"ablation/{v}" for v in self.cfg.ablations.variants}}
-        for variant, prefix in variants.items() if pair else ():
-            jobs.append((f"ablation-merge/{variant}", [f"{prefix}/{g}" for g in pair], "ilora", {"keep": m.keep}))
-        return jobs
-
-    def merge_inputs(self, method: str, games: list[str], kind: str = "routed") -> list[str]:
-        """The ``kind`` adapters of ``games`` as a merge reads them: the routed ones with their Grams
-        for a data-aware method."""
-        from ilora.merge.registry import method_class
-
-        if method_class(method).needs_grams:
-            if kind != "routed":
-                raise IloraError(f"{kind}.methods: {method} needs input Grams, which are measured for routed adapters only")
-            kind = "grams"
-        if kind == "continual":
-            return self.continual_adapters()
-        return [f"{kind}/{g}" for g in games]
-
-    def merge_options(self, method: str) -> dict[str, Any]:
-        """The experiment's options for a merge method (I-LoRA's keep ratio; the registry's defaults otherwise)."""
-        return {"keep": self.cfg.merge.keep} if method == "ilora" else {}
+        self.stage(spec.stage, settings, run, spec.deps)
 
     def ensure(self, model: str) -> None:
-        """Register ``model`` (and the models it was merged from) from their finished, cached stages."""
-        if model in self.models:
-            return
-        for spec in self.training_jobs():
-            if spec.name == model:
-                return self.train(spec)
-        if model.startswith("grams/"):
-            return self.grams(model.removeprefix("grams/"))
-        if model == "tuned-merge":
-            return self.tuned_merge()
-        for name, inputs, method, options in self.merge_jobs():
-            if name == model:
-                for source in inputs:
-                    self.ensure(source)
-                return self.merge(name, inputs, method, options)
-        raise KeyError(f"no model named {model!r} in this experiment")
+        """Register ``model`` (and the models it was made from) from their finished, cached stages."""
+        if model not in self.models:
+            self.compute(self.plan.model(model))
+
+    def compute(self, spec: StageSpec) -> None:
+        """Run (or, cached, only register) the stage of ``spec``."""
+        match spec:
+            case AdapterSpec():
+                self.train(spec)
+            case MergeSpec():
+                self.merge(spec)
+            case EvalSpec():
+                self.evaluate(spec)
+            case GameData():
+                self.collect(spec)
+            case GeneralData():
+                self.general_data(spec)
+            case Grams():
+                self.grams(spec)
+            case TunedMerge():
+                self.tuned_merge(spec)
+            case Reference():
+                self.evaluate_reference(spec)
+            case Selection():
+                self.evaluate_selection(spec)
+            case Activations():
+                self.analyze(spec)
+            case Interference():
+                self.analyze_interference(spec)
+            case _:
+                raise TypeError(f"not a stage spec: {spec!r}")
 
     # -------------------------------------------------------------- evaluation
-    def eval_plan(self) -> dict[str, list[str]]:
-        """Which games each model is played on."""
-        games = list(self.cfg.games)
-        pair = self.cfg.ablation_pair()
-        plan: dict[str, list[str]] = {"base": games}
-        tuned = ["tuned-merge"] if self.cfg.tuned_merge.enabled else []
-        for name in [spec.name for spec in self.training_jobs()] + [job[0] for job in self.merge_jobs()] + tuned:
-            if name.startswith("continual/"):
-                continue  # each acts with the earlier ones: played in their merges only
-            if name.startswith(("ablation/", "ablation-merge/")):
-                plan[name] = pair
-            elif name.startswith("iter"):
-                _, tag, k = name.split("/")
-                if int(k) < len(games) and not self.cfg.merge.play_intermediate:
-                    continue
-                plan[name] = tag.split("-")[: int(k)]  # the games merged so far
-            elif name.startswith(("plain/", "routed/", "refit/")) and not self.cfg.eval.cross_games:
-                plan[name] = [name.split("/")[1]]
-            else:
-                plan[name] = games
-        return plan
-
     def eval_settings(self, own_game: bool) -> dict:
         """The play settings an evaluation stage depends on (own-game episodes only where played)."""
         settings = to_dict(self.cfg.eval)
@@ -464,52 +369,51 @@ class Experiment:
             settings.pop("own_game_episodes")
         return settings
 
-    def evaluate_reference(self, game: str) -> None:
+    def evaluate_reference(self, spec: Reference) -> None:
+        """Random and expert play of a game (stage ``eval/reference/<game>``)."""
         from ilora.experiment.evaluation import evaluate_reference
 
-        e = self.cfg.eval
+        e, game = self.cfg.eval, spec.game
         self.stage(
-            f"eval/reference/{game}",
+            spec.stage,
             {"eval": self.eval_settings(own_game=True), "seed": self.cfg.seed, "game": game},
             lambda folder: evaluate_reference(game, e, self.cfg.seed, folder),
+            spec.deps,
         )
 
-    def evaluate(self, name: str, games: list[str]) -> None:
-        """Play ``games`` with model ``name`` and score it (stage ``eval/<name>``)."""
+    def evaluate(self, spec: EvalSpec) -> None:
+        """Play a model on its games and score it (stage ``eval/<model>``)."""
         from ilora.experiment.evaluation import evaluate_model
 
-        if name != "base":
-            self.ensure(name)
-        e = self.cfg.eval
-        spec = self.models.get(name, ModelSpec())
-        own_game = name.split("/")[1] if name.startswith(("plain/", "routed/")) else None
-        blank = e.blank_check and name.startswith("routed/")
-        deps = ["base"] + ([self.stage_of(name)] if name != "base" else [])
-        deps += [f"data/{g}" for g in games] + ["data/general"]
+        if spec.model != "base":
+            self.ensure(spec.model)
+        e, games = self.cfg.eval, list(spec.games)
+        model = self.models.get(spec.model, ModelSpec())
 
         def run(folder: Path):
             return evaluate_model(
                 self.base_path,
-                spec,
+                model,
                 games,
                 e,
                 self.cfg,
                 folder,
                 heldout={g: self.load_rows(f"data/{g}", "heldout") for g in games},
                 general=self.load_rows("data/general", "test"),
-                own_game=own_game,
-                blank_check=blank,
+                own_game=spec.own_game,
+                blank_check=spec.blank,
             )
 
-        settings = {"eval": self.eval_settings(own_game is not None), "games": games, "blank": blank, "seed": self.cfg.seed}
-        self.stage(f"eval/{name}", settings, run, deps)
+        settings = {"eval": self.eval_settings(spec.own_game is not None), "games": games, "blank": spec.blank,
+                    "seed": self.cfg.seed}
+        self.stage(spec.stage, settings, run, spec.deps)
 
-    def analyze(self, kind: str) -> None:
-        """LoRA activation norms of the first game's ``kind`` adapter on task, general and other-game rows."""
+    def analyze(self, spec: Activations) -> None:
+        """LoRA activation norms of the first game's plain or routed adapter on task, general and other-game rows."""
         from ilora.routing.analyze import analyze_activations
 
-        n = self.cfg.eval.activation_rows
-        game, others = self.cfg.games[0], self.cfg.games[1:]
+        n, kind, game = self.cfg.eval.activation_rows, spec.kind, spec.game
+        others = [g for g in self.cfg.games if g != game]
         self.ensure(f"{kind}/{game}")
 
         def run(folder: Path):
@@ -521,22 +425,15 @@ class Experiment:
             table = analyze_activations(self.base_path, self.models[f"{kind}/{game}"].adapter, data, folder / "out")
             return {"table": table}
 
-        deps = ["base", f"train/{kind}/{game}", "data/general"] + [f"data/{g}" for g in self.cfg.games]
-        self.stage(f"analysis/{kind}/{game}", {"n": n}, run, deps)
+        self.stage(spec.stage, {"n": n}, run, spec.deps)
 
-    def final_merges(self) -> list[str]:
-        """The merges of every game's routed adapter: one-shot, and the last step of each iterative order."""
-        last = f"/{len(self.cfg.games)}"
-        return [name for name, *_ in self.merge_jobs() if name.startswith("merge/") or
-                (name.startswith("iter") and name.endswith(last))]
-
-    def analyze_interference(self) -> None:
+    def analyze_interference(self, spec: Interference) -> None:
         """Interference in activations (stage ``analysis/interference``): per pair of routed adapters
         ``‖ΔW_j X_i‖ / ‖ΔW_i X_i‖`` on task i's rows, and per merge ``‖(ΔW_M − ΔW_i) X_i‖ / ‖ΔW_i X_i‖``
         (:func:`ilora.merge.interference.activation_interference`), from the adapters' Grams."""
         from ilora.merge.interference import adapter_interference
 
-        games, merges = list(self.cfg.games), self.final_merges()
+        games, merges = list(self.cfg.games), list(spec.merges)
         for model in [f"grams/{g}" for g in games] + merges:
             self.ensure(model)
 
@@ -548,63 +445,58 @@ class Experiment:
             merged = {m: stats["merged"][str(path)] for m, path in zip(merges, states)}
             return {"games": games, "ratio": stats["ratio"], "own": stats["own"], "merged": merged}
 
-        deps = [f"grams/{g}" for g in games] + [self.stage_of(m) for m in merges]
-        self.stage("analysis/interference", {"merges": merges}, run, deps)
+        self.stage(spec.stage, {"merges": merges}, run, spec.deps)
 
     # ------------------------------------------------------------- scheduling
     def jobs(self) -> list[Job]:
-        """Every stage after ``base`` as a job: what it reads, its tier and its estimated cost."""
+        """Every stage of the plan as a job: what it reads besides ``base``, its tier, estimated cost and resources."""
+        return [self.job(spec) for spec in self.plan.specs()]
+
+    def job(self, spec: StageSpec) -> Job:
+        """``spec`` as a job: its tier (earlier tiers unlock more work), its estimated single-core
+        seconds, whether it runs in the scheduling process (quick stages) and what it holds."""
         d, t, e, games = self.cfg.data, self.cfg.train, self.cfg.eval, self.cfg.games
-        data = (*[f"data/{g}" for g in games], "data/general")
-        collect = (d.episodes + d.heldout_episodes) * d.max_steps * SCRIPTED_STEP_SECONDS
-        jobs = [Job(f"data/{g}", "collect", (g,), tier=0, cost=collect) for g in games]
-        general_rows = d.general_rows + d.general_eval_rows
-        jobs.append(Job("data/general", "general_data", tier=0, cost=general_rows * GENERAL_ROW_SECONDS))
-        for spec in self.training_jobs():
-            cost = (spec.steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS
-            cost *= ROUTED_COST_FACTOR if spec.routed else 1
-            cost *= spec.steps_share
-            deps = data + tuple(self.stage_of(m) for m in spec.starts_from)
-            jobs.append(Job(f"train/{spec.name}", "train", (spec,), deps, tier=1, cost=cost))
-        for name, inputs, method, options in self.merge_jobs():
-            deps = tuple(self.stage_of(m) for m in inputs)
-            jobs.append(Job(name, "merge", (name, inputs, method, options), deps, local=True))
         episode_steps = e.max_frames / DEFAULT_FRAME_SKIP
-        reference = 2 * own_episodes(e) * episode_steps * SCRIPTED_STEP_SECONDS  # random and expert
-        jobs += [Job(f"eval/reference/{g}", "evaluate_reference", (g,), tier=2, cost=reference) for g in games]
-        for name, played in self.eval_plan().items():
-            own = name.startswith(("plain/", "routed/"))
-            episodes = e.episodes * len(played) + (own_episodes(e) - e.episodes if own else 0)
-            episodes += e.episodes if own and e.blank_check and name.startswith("routed/") else 0
-            deps = data + (() if name == "base" else (self.stage_of(name),))
-            cost = episodes * episode_steps * AGENT_STEP_SECONDS
-            jobs.append(Job(f"eval/{name}", "evaluate", (name, played), deps, tier=3, cost=cost))
-        for kind in ("plain", "routed") if self.cfg.routed_games() else ("plain",):
-            deps = (f"train/{kind}/{games[0]}", *data)
-            jobs.append(Job(f"analysis/{kind}/{games[0]}", "analyze", (kind,), deps, tier=4, cost=5, local=True))
-        routed = tuple(f"train/routed/{g}" for g in games)
-        if self.cfg.tuned_merge.enabled:
-            search = self.cfg.tuned_merge.search
-            cost = search.trials * len(search.strategies) * len(games) * search.rows * TRIAL_ROW_SECONDS
-            jobs.append(Job("tuned-merge", "tuned_merge", (), (*routed, *data), tier=2, cost=cost))
-        for rule in self.cfg.selection.rules:
-            cost = len(games) * e.episodes * episode_steps * AGENT_STEP_SECONDS * SELECTION_COST_FACTOR
-            jobs.append(Job(f"eval/select/{rule}", "evaluate_selection", (rule,), (*routed, *data), tier=3, cost=cost))
-        if self.cfg.adapters.routed:  # the Grams and the interference of every game's routed adapter
-            grams_cost = 2 * self.cfg.merge.grams_rows * GENERAL_ROW_SECONDS
-            jobs += [Job(f"grams/{g}", "grams", (g,), (f"train/routed/{g}", *data), tier=2, cost=grams_cost) for g in games]
-            deps = (*[f"grams/{g}" for g in games], *[self.stage_of(m) for m in self.final_merges()])
-            jobs.append(Job("analysis/interference", "analyze_interference", (), deps, tier=4, cost=5, local=True))
-        return jobs
+        tier, cost, local, model_stage = 0, 1.0, False, True
+        match spec:
+            case GameData():
+                cost, model_stage = (d.episodes + d.heldout_episodes) * d.max_steps * SCRIPTED_STEP_SECONDS, False
+            case GeneralData():
+                cost, model_stage = (d.general_rows + d.general_eval_rows) * GENERAL_ROW_SECONDS, False
+            case AdapterSpec():
+                tier = 1
+                cost = (spec.steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS * spec.steps_share
+                cost *= ROUTED_COST_FACTOR if spec.routed else 1
+            case MergeSpec():
+                local = True
+            case Reference():
+                tier, model_stage = 2, False
+                cost = 2 * own_episodes(e) * episode_steps * SCRIPTED_STEP_SECONDS  # random and expert
+            case EvalSpec():
+                own = spec.own_game is not None
+                episodes = e.episodes * len(spec.games) + (own_episodes(e) - e.episodes if own else 0)
+                episodes += e.episodes if spec.blank else 0
+                tier, cost = 3, episodes * episode_steps * AGENT_STEP_SECONDS
+            case Activations() | Interference():
+                tier, cost, local = 4, 5.0, True
+            case TunedMerge():
+                search = self.cfg.tuned_merge.search
+                tier = 2
+                cost = search.trials * len(search.strategies) * len(games) * search.rows * TRIAL_ROW_SECONDS
+            case Selection():
+                tier = 3
+                cost = len(games) * e.episodes * episode_steps * AGENT_STEP_SECONDS * SELECTION_COST_FACTOR
+            case Grams():
+                tier, cost = 2, 2 * self.cfg.merge.grams_rows * GENERAL_ROW_SECONDS
+        resources = Resources(cpus=max(1, self.cfg.threads), gpus=self.execution.gpus if model_stage else 0.0)
+        deps = tuple(d for d in spec.deps if d != "base")  # base is built before any job
+        return Job(spec.stage, deps=deps, tier=tier, cost=cost, local=local, spec=spec, resources=resources)
 
-    def _call(self, job: Job) -> None:
-        getattr(self, job.method)(*job.args)
-
-    def _registered(self, job: Job) -> bool:
-        """Re-enter ``job`` without computing: True (and its model registered) when its stage is cached."""
+    def registered(self, spec: StageSpec) -> bool:
+        """Re-enter ``spec``'s stage without computing: True (and its model registered) when it is cached."""
         self.runner.compute = False
         try:
-            self._call(job)
+            self.compute(spec)
             return True
         except StageNotCached:
             return False
@@ -621,7 +513,11 @@ class Experiment:
         return folder / "REPORT.md"
 
     def run(self) -> Path:
-        """Run (or resume) every stage of this replicate and its report."""
+        """Run (or resume) every stage of this replicate and its report.
+
+        Raises:
+            StagesFailed: a stage failed (the others that did not read it were run; no report).
+        """
         run_replicates([self])
         return self.run_report()
 
@@ -639,13 +535,6 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def iterative_name(method: str, order: list[str], k: int) -> str:
-    """The model after merging the first ``k`` games of ``order`` one at a time with ``method``
-    (I-LoRA's keep the names of earlier runs: ``iter/<order>/<k>``)."""
-    prefix = "iter" if method == "ilora" else f"iter-{method}"
-    return f"{prefix}/{'-'.join(order)}/{k}"
-
-
 def replicate_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
     """One config per replicate: ``config`` itself without ``seeds``, else one per seed in
     ``run_dir/seed-<s>`` (each replicate has its own data, adapters, merges and play)."""
@@ -657,86 +546,99 @@ def replicate_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
     ]
 
 
+class StagesFailed(IloraError):
+    """Stages failed; the stages that did not read them ran."""
+
+    def __init__(self, outcome: RunOutcome, labels: dict[str, str]):
+        lines = [f"{len(outcome.failed)} stage(s) failed:"]
+        lines += [f"  {labels[f.stage]}: {f.error} (log: {f.log})" for f in outcome.failed]
+        if outcome.blocked:
+            lines.append(f"not run, as they read a failed stage: {', '.join(labels[k] for k in outcome.blocked)}")
+        super().__init__("\n".join(lines))
+        self.outcome = outcome
+
+
+@dataclass
+class _Replicates:
+    """The :class:`~ilora.experiment.schedule.JobHost` of :func:`run_replicates`: jobs keyed
+    ``<run_dir>:<stage>``, each owned by its replicate's experiment."""
+
+    owners: dict[str, Experiment]
+
+    def register(self, job: Job, computed_elsewhere: bool = False) -> bool:
+        experiment = self.owners[job.key]
+        if computed_elsewhere:
+            experiment.runner.redone.add(job.spec.stage)
+        return experiment.registered(job.spec)
+
+    def run_here(self, job: Job) -> None:
+        experiment = self.owners[job.key]
+        with logged_to(self.log_path(job)):
+            experiment.compute(job.spec)
+
+    def remote_call(self, job: Job) -> tuple[Callable[..., Any], tuple]:
+        experiment = self.owners[job.key]
+        runner = experiment.runner
+        return compute_stage, (experiment.cfg, runner.force, set(runner.redone), job.spec, os.getcwd())
+
+    def log_path(self, job: Job) -> Path:
+        experiment = self.owners[job.key]
+        return stage_log(experiment.cfg, job.spec.stage)
+
+
 def run_replicates(experiments: list[Experiment]) -> None:
     """Run every stage of the replicates, scheduled together over the first one's workers.
 
     Jobs are keyed ``<run_dir>:<stage>`` so that the replicates' stages of the same name stay
-    apart; cached stages are only registered, the others are computed by worker processes
-    (or here, when the job is local or there is one worker).
+    apart; cached stages are only registered, quick ones (and all of them with one worker) are
+    computed here, the others as Ray tasks (:class:`~ilora.experiment.ray_runner.RayExecutor`),
+    ``workers`` at a time on this machine, as many as the cluster's CPUs hold on a cluster.
+
+    Raises:
+        StagesFailed: a stage failed; every stage that did not read it was run.
     """
+    from ilora.experiment.ray_runner import RayExecutor
+
     first = experiments[0]
     if first.cfg.threads:
         import torch
 
         torch.set_num_threads(first.cfg.threads)
-    owners: dict[str, tuple[Experiment, Job]] = {}
+    owners: dict[str, Experiment] = {}
+    labels: dict[str, str] = {}  # how progress lines name a stage: with its replicate's folder when there are several
     keyed_jobs = []
-    planned = [experiment.jobs() for experiment in experiments]  # a config the stages cannot honour fails here
-    for group, (experiment, jobs) in enumerate(zip(experiments, planned)):
+    for group, experiment in enumerate(experiments):
         experiment.run_base()
         tag = f"{experiment.cfg.run_dir}:"
-        for job in jobs:
+        for job in experiment.jobs():
             keyed = dataclasses.replace(job, key=tag + job.key, deps=tuple(tag + d for d in job.deps), group=group)
             keyed_jobs.append(keyed)
-            owners[keyed.key] = (experiment, job)
-    schedule = Schedule(keyed_jobs)
-    labels = {  # how the progress lines name a stage: with its replicate's folder when there are several
-        key: job.key if len(experiments) == 1 else f"{Path(x.cfg.run_dir).name}/{job.key}"
-        for key, (x, job) in owners.items()
-    }
-    start = time.time()
-    pool = None
-    running: dict[Future, Job] = {}
+            owners[keyed.key] = experiment
+            labels[keyed.key] = job.key if len(experiments) == 1 else f"{Path(experiment.cfg.run_dir).name}/{job.key}"
+
+    execution, slots, made = first.execution, first.workers, []
+    if execution.executor == "local":
+        factory = functools.partial(LocalExecutor, first.workers)
+    elif execution.address or os.environ.get("RAY_ADDRESS"):  # a cluster: as many stages at a time as its CPUs hold
+        made.append(RayExecutor(execution.address))
+        slots = made[0].capacity(keyed_jobs[0].resources) if keyed_jobs else 1
+        factory = None
+    else:
+        factory = functools.partial(RayExecutor, num_cpus=first.workers)
+
+    def make_executor():  # on this machine, started only when a stage is not cached; closed after the run
+        if not made:
+            made.append(factory())
+        return made[0]
+
     try:
-        while not schedule.finished:
-            started = False
-            for keyed in schedule.ready():
-                experiment, job = owners[keyed.key]
-                if experiment._registered(job):
-                    schedule.finish(keyed, computed=False)
-                elif job.local or first.workers <= 1:
-                    with output_to(stage_log(experiment.cfg, job.key)):
-                        experiment._call(job)
-                    schedule.finish(keyed)
-                    _progress(first.log, schedule, start, labels[keyed.key])
-                elif len(running) < first.workers:
-                    if pool is None:
-                        import multiprocessing
-
-                        pool = ProcessPoolExecutor(first.workers, mp_context=multiprocessing.get_context("spawn"))
-                    schedule.start(keyed)
-                    runner = experiment.runner
-                    running[pool.submit(_run_job, experiment.cfg, runner.force, runner.redone, job)] = keyed
-                else:
-                    continue
-                started = True
-            if not running:
-                if not started:
-                    raise RuntimeError(f"no stage can start; waiting: {sorted(set(schedule.jobs) - schedule.done)}")
-                continue
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                keyed = running.pop(future)
-                experiment, job = owners[keyed.key]
-                try:
-                    future.result()
-                except Exception as err:  # a worker's error stops the run here, naming the stage's log
-                    raise RuntimeError(f"stage {keyed.key} failed; its output: {stage_log(experiment.cfg, job.key)}") from err
-                experiment.runner.redone.add(job.key)
-                if not experiment._registered(job):
-                    raise RuntimeError(f"stage {keyed.key} finished in a worker but its record does not match")
-                schedule.finish(keyed)
-                _progress(first.log, schedule, start, labels[keyed.key])
+        outcome = run_jobs(Schedule(keyed_jobs), _Replicates(owners), make_executor, slots, first.log,
+                           label=lambda job: labels[job.key])
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-
-
-def _progress(log: Callable[[str], None], schedule: Schedule, start: float, stage: str) -> None:
-    elapsed = time.time() - start
-    eta = schedule.eta_seconds(elapsed)
-    left = f", about {eta / 60:.0f} min left" if eta is not None else ""
-    log(f"[{elapsed / 60:5.1f} min] {stage} done; {len(schedule.done)}/{len(schedule.jobs)} stages done{left}")
+        for executor in made:
+            executor.close()
+    if outcome.failed:
+        raise StagesFailed(outcome, labels)
 
 
 def task_matched_steps(steps: int, n_task: int, n_general: int) -> int:
@@ -750,22 +652,24 @@ def task_matched_steps(steps: int, n_task: int, n_general: int) -> int:
     return math.ceil(steps * (n_task + n_general) / n_task)
 
 
-def _run_job(config: ExperimentConfig, force: tuple[str, ...], redone: set[str], job: Job) -> None:
-    """Worker-process entry of :func:`run_replicates`: compute one job's stage.
+def compute_stage(config: ExperimentConfig, force: tuple[str, ...], redone: set[str], spec: StageSpec, cwd: str) -> None:
+    """Ray task of :func:`run_replicates`: compute one stage in a worker.
 
     ``redone`` names the stages already recomputed in this run, so that a forced prefix does not
-    make the worker redo the stages this job reads (they are only re-entered to load their models).
-    Everything the stage prints (progress bars, the emulator's banner) goes to its log file
-    (:func:`stage_log`), so the terminal keeps the parent's one line per stage.
+    make the worker redo the stages this one reads (they are only re-entered to load their models).
+    Everything the stage prints (progress bars, the emulator's banner, an error's traceback) goes
+    to its log file (:func:`stage_log`), so the terminal keeps the driver's one line per stage.
+    ``cwd`` is the driver's folder, which a relative ``run_dir`` is relative to.
     """
+    os.chdir(cwd)
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
     experiment = Experiment(config, force, workers=1)
     experiment.runner.redone |= redone
-    with output_to(stage_log(config, job.key)):
-        experiment._call(job)
+    with logged_to(stage_log(config, spec.stage)):
+        experiment.compute(spec)
 
 
 def stage_log(config: ExperimentConfig, stage: str) -> Path:
@@ -794,17 +698,33 @@ def output_to(path: Path):
                 os.close(fd)
 
 
+@contextlib.contextmanager
+def logged_to(path: Path):
+    """:func:`output_to` ``path``, with the traceback of an error raised inside written there too."""
+    with output_to(path):
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc()
+            raise
+
+
 def print_now(line: str) -> None:
     """The default progress log: ``print``, flushed."""
     print(line, flush=True)
 
 
 def run_experiment(
-    config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print_now
+    config: ExperimentConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print_now,
+    execution: ExecutionSettings = ExecutionSettings(),
 ) -> Path:
     """Run (or resume) the experiment; returns the path of its ``REPORT.md`` (with ``seeds``,
-    the report over seeds in ``run_dir/report``, beside each replicate's own)."""
-    replicates = [Experiment(c, force, log) for c in replicate_configs(config)]
+    the report over seeds in ``run_dir/report``, beside each replicate's own).
+
+    Raises:
+        StagesFailed: a stage failed (the stages that did not read it were run; no report).
+    """
+    replicates = [Experiment(c, force, log, execution=execution) for c in replicate_configs(config)]
     if config.seeds is None:
         return replicates[0].run()
     from ilora.experiment.seed_report import write_seed_report
