@@ -1,9 +1,11 @@
 """The experiment as a plan: one typed spec per stage, each knowing its stage name and the stages it reads.
 
 :func:`build_plan` turns an :class:`~ilora.experiment.config.ExperimentConfig` into a
-:class:`Plan`; the pipeline runs its specs (``Experiment.compute``), the scheduler orders them
-by their ``deps`` and the report reads the same specs. A spec's ``deps`` are exactly what its
-stage hashes (``stage.json``'s ``deps``), so they are written once, here.
+:class:`Plan`; the pipeline runs its specs (``Experiment.compute``) and the scheduler orders
+them by their ``deps`` (``Experiment.plan`` is there for the report to read as well). A spec's
+``deps`` are exactly what its stage hashes (``stage.json``'s ``deps``), so they are written once,
+here; every stage's settings and deps are byte-identical to those of the runs made before the
+plan existed, so their caches stay valid.
 
 Model names (and the report's): ``base``, ``plain/<game>`` (single-task LoRA), ``routed/<game>``
 (routing-tuned LoRA), ``joint`` (one LoRA on all games' data), ``merge/<method>`` (routed adapters
