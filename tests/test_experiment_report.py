@@ -143,6 +143,14 @@ def test_summary_json_holds_the_numbers_the_report_shows(tmp_path):
     assert "| merge/ilora | 0.500 [0.400, 0.600] | 100 |" in text
 
 
+def test_combining_no_game_is_undefined_not_an_error():
+    from ilora.experiment import stats
+
+    for how in ("mean", "min"):
+        e = stats.combine([], how)
+        assert math.isnan(e.value) and math.isnan(e.low) and math.isnan(e.high)
+
+
 def test_seed_ranking_calls_best_only_a_separated_leader_and_skips_single_game_rows():
     def estimate(value: float, draws: list[float]) -> Estimate:
         return Estimate(value, min(draws), max(draws), np.asarray(draws))

@@ -299,7 +299,7 @@ def merge_table(res: Results, sr: SeedResults, models: dict[str, ModelRef], scor
         # generator is shared, so the order fixes the intervals.
         low = stats.combine([sr.retention(model, g) for g in scored], "min")
         norm = stats.combine([sr.normalised(model, g) for g in scored], "mean")
-        rows[label] = MergeRow(row.retention, row.mean, _interval(low), _interval(norm))
+        rows[label] = MergeRow(row.retention, row.mean, low, norm)
     # Ranked as this report always has (published reports depend on it): every row but the last,
     # per game on a model per game's NaN; with refit adapters the routed single-game row is then
     # ranked by its mean (the seed report leaves every single-game row out).
@@ -443,11 +443,6 @@ def run_tables(experiment, res: Results, sr: SeedResults, models: dict[str, Mode
                      for g in games},
         minutes=stage_minutes(experiment),
     )
-
-
-def _interval(e: stats.Estimate) -> Interval:
-    """An estimate without its draws (what the report shows and stores)."""
-    return Interval(e.value, e.low, e.high)
 
 
 def to_json(obj: Any) -> Any:

@@ -139,6 +139,8 @@ def combine(estimates: Sequence[Estimate], how: str) -> Estimate:
         would not be comparable across methods).
     """
     reduce = {"mean": np.mean, "min": np.min}[how]
+    if not estimates:  # no game to combine (none meets the bar): undefined, not an error
+        return Estimate(math.nan, math.nan, math.nan, np.empty(0))
     values = [e.value for e in estimates]
     value = float(reduce(values)) if values and all(math.isfinite(v) for v in values) else math.nan
     stacked = np.stack([e.draws for e in estimates])
