@@ -300,14 +300,11 @@ def merge_table(res: Results, sr: SeedResults, models: dict[str, ModelRef], scor
         low = stats.combine([sr.retention(model, g) for g in scored], "min")
         norm = stats.combine([sr.normalised(model, g) for g in scored], "mean")
         rows[label] = MergeRow(row.retention, row.mean, low, norm)
-    # Ranked as this report always has (published reports depend on it): every row but the last,
-    # per game on a model per game's NaN; with refit adapters the routed single-game row is then
-    # ranked by its mean (the seed report leaves every single-game row out).
-    ranked = list(rows)[:-1]
+    # The single-game rows (a model per game) are what the others are compared with, not ranked.
+    ranked = [label for label in rows if isinstance(models[label], str)]
     return MergeTable(
         methods=rows, best=best_labels(ranked, [rows[label].mean for label in ranked]),
-        best_per_game={g: best_labels(ranked, [rows[label].retention[g].value if isinstance(models[label], str) else math.nan
-                                               for label in ranked]) for g in games},
+        best_per_game={g: best_labels(ranked, [rows[label].retention[g].value for label in ranked]) for g in games},
         near_random=near_random(res, games),
     )
 
