@@ -155,6 +155,18 @@ def test_stages_are_cached_and_redone_when_their_settings_change(source, tmp_pat
     assert forced.runner.ran == ["seed-0/adapter/routed/Pong", "seed-0/grams/routed/Pong"]  # and what read it
 
 
+def test_adding_a_source_redoes_none_of_the_others_stages(source, tmp_path):
+    first = RLCompare(load_config(CONFIG, tiny_settings(source, tmp_path / "run")), log=lambda *_: None)
+    first.reference("seed-0", "Pong")
+    other = tmp_path / "elsewhere" / "seed-7"
+    shutil.copytree(source, other)
+    both = RLCompare(load_config(CONFIG, tiny_settings(source, tmp_path / "run", f"sources=[{other},{source}]")),
+                     log=lambda *_: None)
+    both.reference("seed-0", "Pong")
+    both.reference("seed-7", "Pong")
+    assert both.runner.skipped == ["seed-0/eval/reference/Pong"] and both.runner.ran == ["seed-7/eval/reference/Pong"]
+
+
 def test_the_stage_graph_is_complete_and_acyclic(source, tmp_path):
     cfg = load_config(CONFIG, tiny_settings(source, tmp_path / "run", "games=[Pong,Breakout]"))
     jobs = RLCompare(cfg, log=lambda *_: None).jobs()

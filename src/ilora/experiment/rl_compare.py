@@ -94,7 +94,8 @@ class RLCompareConfig:
     cloned: str = field("plain", help="the cloned adapter compared and continued: plain (behaviour cloning) or routed")
     frames: int | None = field(None, help="RL budget in emulator frames per run; null: the frames of the expert data "
                                "the clone learned from (training rows x frame skip)")
-    seed: int = field(0, help="replicate k's seed is seed + k: its RL runs' seed and its play episodes' (20,000 + it)")
+    seed: int = field(0, help="seed of the RL runs and of the play episodes (20,000 + seed), the same in every replicate "
+                      "(each has its own data and adapters), so adding a source redoes none of the others' stages")
     rl: GRPOSettings = field(default_factory=GRPOSettings, help="GRPO settings of both RL runs (frames and seed "
                              "are set by the comparison)")
     from_clone: dict[str, Any] = field(default_factory=dict, help="GRPO settings that differ for RL from the clone, "
@@ -177,7 +178,7 @@ class Replicate:
 
 
 def replicates(cfg: RLCompareConfig) -> list[Replicate]:
-    return [Replicate(Path(s).name, Path(s), cfg.seed + k) for k, s in enumerate(cfg.sources)]
+    return [Replicate(Path(s).name, Path(s), cfg.seed) for s in cfg.sources]
 
 
 def source_stages(cfg: RLCompareConfig) -> list[str]:
