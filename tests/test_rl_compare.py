@@ -23,6 +23,7 @@ from ilora.experiment.rl_compare import (
     difference,
     load_config,
     render_report,
+    replicate_seed,
     write_report,
 )
 from ilora.experiment.schedule import Schedule
@@ -165,6 +166,13 @@ def test_adding_a_source_redoes_none_of_the_others_stages(source, tmp_path):
     both.reference("seed-0", "Pong")
     both.reference("seed-7", "Pong")
     assert both.runner.skipped == ["seed-0/eval/reference/Pong"] and both.runner.ran == ["seed-7/eval/reference/Pong"]
+    assert {rep.name: rep.seed for rep in both.reps.values()} == {"seed-0": 0, "seed-7": 7}  # replicates differ
+
+
+def test_a_folder_not_named_by_its_seed_gets_a_fixed_seed_of_its_own():
+    assert replicate_seed("seed-12") == 12
+    assert replicate_seed("my-run") == replicate_seed("my-run") != replicate_seed("my-run-2")
+    assert 0 <= replicate_seed("my-run") < 10_000
 
 
 def test_the_stage_graph_is_complete_and_acyclic(source, tmp_path):

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -94,8 +96,9 @@ class RLCompareConfig:
     cloned: str = field("plain", help="the cloned adapter compared and continued: plain (behaviour cloning) or routed")
     frames: int | None = field(None, help="RL budget in emulator frames per run; null: the frames of the expert data "
                                "the clone learned from (training rows x frame skip)")
-    seed: int = field(0, help="seed of the RL runs and of the play episodes (20,000 + seed), the same in every replicate "
-                      "(each has its own data and adapters), so adding a source redoes none of the others' stages")
+    seed: int = field(0, help="a replicate's seed (its RL runs', and its play episodes' 20,000 + it) is seed + n for a "
+                      "source folder named seed-<n> (an experiment replicate), else seed + a number drawn from the "
+                      "folder's name: distinct per replicate, and adding a source redoes none of the others' stages")
     rl: GRPOSettings = field(default_factory=GRPOSettings, help="GRPO settings of both RL runs (frames and seed "
                              "are set by the comparison)")
     from_clone: dict[str, Any] = field(default_factory=dict, help="GRPO settings that differ for RL from the clone, "
@@ -177,8 +180,16 @@ class Replicate:
         return self.source / stage
 
 
+def replicate_seed(name: str) -> int:
+    """``n`` for an experiment replicate's folder ``seed-<n>``; else a number from the name's hash (below 10,000)."""
+    match = re.fullmatch(r"seed-(\d+)", name)
+    if match:
+        return int(match.group(1))
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % 10_000
+
+
 def replicates(cfg: RLCompareConfig) -> list[Replicate]:
-    return [Replicate(Path(s).name, Path(s), cfg.seed) for s in cfg.sources]
+    return [Replicate(Path(s).name, Path(s), cfg.seed + replicate_seed(Path(s).name)) for s in cfg.sources]
 
 
 def source_stages(cfg: RLCompareConfig) -> list[str]:
