@@ -7,18 +7,18 @@ from pathlib import Path
 import pytest
 
 from ilora.errors import IloraError
-from ilora.experiment.schedule import Job, Schedule, run_jobs
+from ilora.experiment.schedule import Job, Schedule, critical_paths, run_jobs
 
 
 def jobs() -> list[Job]:
     return [
-        Job("data/a", "collect", tier=0, cost=5),
-        Job("data/b", "collect", tier=0, cost=9),
-        Job("train/short", "train", deps=("data/a",), tier=1, cost=10),
-        Job("train/long", "train", deps=("data/a", "data/b"), tier=1, cost=50),
+        Job("data/a", "collect", cost=5),
+        Job("data/b", "collect", cost=9),
+        Job("train/short", "train", deps=("data/a",), cost=10),
+        Job("train/long", "train", deps=("data/a", "data/b"), cost=50),
         Job("merge", "merge", deps=("train/short", "train/long"), local=True),
-        Job("eval/short", "evaluate", deps=("train/short",), tier=3, cost=20),
-        Job("eval/merge", "evaluate", deps=("merge",), tier=3, cost=30),
+        Job("eval/short", "evaluate", deps=("train/short",), cost=20),
+        Job("eval/merge", "evaluate", deps=("merge",), cost=30),
     ]
 
 
@@ -26,9 +26,16 @@ def keys(schedule: Schedule) -> list[str]:
     return [j.key for j in schedule.ready()]
 
 
-def test_ready_jobs_follow_dependencies_tiers_and_cost():
+def test_critical_path_is_a_jobs_cost_plus_its_costliest_chain_of_readers():
+    assert critical_paths(Schedule(jobs()).jobs) == {
+        "eval/merge": 30, "merge": 31, "eval/short": 20, "train/long": 81, "train/short": 41,
+        "data/a": 86, "data/b": 90,
+    }
+
+
+def test_ready_jobs_follow_dependencies_and_critical_paths():
     s = Schedule(jobs())
-    assert keys(s) == ["data/b", "data/a"]  # costliest first within a tier
+    assert keys(s) == ["data/b", "data/a"]  # the longer chain first
     for key in ("data/a", "data/b"):
         s.finish(s.jobs[key])
     assert keys(s) == ["train/long", "train/short"]
@@ -37,10 +44,23 @@ def test_ready_jobs_follow_dependencies_tiers_and_cost():
     s.finish(s.jobs["train/short"])
     assert keys(s) == ["eval/short"]  # the merge waits for the long training
     s.finish(s.jobs["train/long"])
-    assert keys(s) == ["merge", "eval/short"]  # lower tier first, whatever the cost
+    assert keys(s) == ["merge", "eval/short"]  # a cheap merge heads a longer chain than the costlier eval
     for key in ("merge", "eval/short", "eval/merge"):
         s.finish(s.jobs[key])
     assert s.finished and keys(s) == []
+
+
+def test_a_chain_of_trainings_starts_before_a_costlier_job_that_ends_its_chain_and_replicates_go_in_order():
+    def replicate(tag: str, group: int) -> list[Job]:
+        return [
+            Job(f"{tag}/eval", "evaluate", cost=40, group=group),
+            Job(f"{tag}/train/1", "train", cost=15, group=group),
+            Job(f"{tag}/train/2", "train", deps=(f"{tag}/train/1",), cost=15, group=group),
+            Job(f"{tag}/train/3", "train", deps=(f"{tag}/train/2",), cost=15, group=group),
+        ]
+
+    s = Schedule(replicate("seed-1", 1) + replicate("seed-0", 0))
+    assert keys(s) == ["seed-0/train/1", "seed-1/train/1", "seed-0/eval", "seed-1/eval"]
 
 
 def test_eta_comes_from_the_throughput_of_computed_jobs_only():

@@ -449,48 +449,45 @@ class Experiment:
 
     # ------------------------------------------------------------- scheduling
     def jobs(self) -> list[Job]:
-        """Every stage of the plan as a job: what it reads besides ``base``, its tier, estimated cost and resources."""
+        """Every stage of the plan as a job: what it reads besides ``base``, its estimated cost and resources."""
         return [self.job(spec) for spec in self.plan.specs()]
 
     def job(self, spec: StageSpec) -> Job:
-        """``spec`` as a job: its tier (earlier tiers unlock more work), its estimated single-core
-        seconds, whether it runs in the scheduling process (quick stages) and what it holds."""
+        """``spec`` as a job: its estimated single-core seconds, whether it runs in the scheduling
+        process (quick stages) and what it holds."""
         d, t, e, games = self.cfg.data, self.cfg.train, self.cfg.eval, self.cfg.games
         episode_steps = e.max_frames / DEFAULT_FRAME_SKIP
-        tier, cost, local, model_stage = 0, 1.0, False, True
+        cost, local, model_stage = 1.0, False, True
         match spec:
             case GameData():
                 cost, model_stage = (d.episodes + d.heldout_episodes) * d.max_steps * SCRIPTED_STEP_SECONDS, False
             case GeneralData():
                 cost, model_stage = (d.general_rows + d.general_eval_rows) * GENERAL_ROW_SECONDS, False
             case AdapterSpec():
-                tier = 1
                 cost = (spec.steps or t.max_steps) * t.batch_size * TRAIN_ROW_SECONDS * spec.steps_share
                 cost *= ROUTED_COST_FACTOR if spec.routed else 1
             case MergeSpec():
                 local = True
             case Reference():
-                tier, model_stage = 2, False
+                model_stage = False
                 cost = 2 * own_episodes(e) * episode_steps * SCRIPTED_STEP_SECONDS  # random and expert
             case EvalSpec():
                 own = spec.own_game is not None
                 episodes = e.episodes * len(spec.games) + (own_episodes(e) - e.episodes if own else 0)
                 episodes += e.episodes if spec.blank else 0
-                tier, cost = 3, episodes * episode_steps * AGENT_STEP_SECONDS
+                cost = episodes * episode_steps * AGENT_STEP_SECONDS
             case Activations() | Interference():
-                tier, cost, local = 4, 5.0, True
+                cost, local = 5.0, True
             case TunedMerge():
                 search = self.cfg.tuned_merge.search
-                tier = 2
                 cost = search.trials * len(search.strategies) * len(games) * search.rows * TRIAL_ROW_SECONDS
             case Selection():
-                tier = 3
                 cost = len(games) * e.episodes * episode_steps * AGENT_STEP_SECONDS * SELECTION_COST_FACTOR
             case Grams():
-                tier, cost = 2, 2 * self.cfg.merge.grams_rows * GENERAL_ROW_SECONDS
+                cost = 2 * self.cfg.merge.grams_rows * GENERAL_ROW_SECONDS
         resources = Resources(cpus=max(1, self.cfg.threads), gpus=self.execution.gpus if model_stage else 0.0)
         deps = tuple(d for d in spec.deps if d != "base")  # base is built before any job
-        return Job(spec.stage, deps=deps, tier=tier, cost=cost, local=local, spec=spec, resources=resources)
+        return Job(spec.stage, deps=deps, cost=cost, local=local, spec=spec, resources=resources)
 
     def registered(self, spec: StageSpec) -> bool:
         """Re-enter ``spec``'s stage without computing: True (and its model registered) when it is cached."""

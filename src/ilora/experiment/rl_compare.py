@@ -454,32 +454,31 @@ class RLCompare:
         for k, rep in enumerate(self.reps.values()):
             r = rep.name
             for g in cfg.all_games:
-                jobs.append(Job(f"{r}/adapter/{PARTNER}/{g}", "adapter", (r, PARTNER, g), tier=0, cost=1, local=True, group=k))
-                jobs.append(Job(f"{r}/grams/{PARTNER}/{g}", "grams", (r, PARTNER, g), (f"{r}/adapter/{PARTNER}/{g}",), tier=2,
+                jobs.append(Job(f"{r}/adapter/{PARTNER}/{g}", "adapter", (r, PARTNER, g), cost=1, local=True, group=k))
+                jobs.append(Job(f"{r}/grams/{PARTNER}/{g}", "grams", (r, PARTNER, g), (f"{r}/adapter/{PARTNER}/{g}",),
                                 cost=10, group=k))
-            jobs += [Job(f"{r}/eval/reference/{g}", "reference", (r, g), tier=0, cost=20, group=k) for g in cfg.games]
-            jobs.append(Job(f"{r}/eval/base", "evaluate", (r, "base"), tier=2,
+            jobs += [Job(f"{r}/eval/reference/{g}", "reference", (r, g), cost=20, group=k) for g in cfg.games]
+            jobs.append(Job(f"{r}/eval/base", "evaluate", (r, "base"),
                             cost=episode * e.own_episodes * len(cfg.all_games), group=k))
             for g in cfg.games:
-                jobs.append(Job(f"{r}/adapter/clone/{g}", "adapter", (r, "clone", g), tier=0, cost=1, local=True, group=k))
+                jobs.append(Job(f"{r}/adapter/clone/{g}", "adapter", (r, "clone", g), cost=1, local=True, group=k))
                 for kind in ("rl-base", "rl-clone"):
                     deps = (f"{r}/adapter/clone/{g}",) if kind == "rl-clone" else ()
-                    jobs.append(Job(f"{r}/adapter/{kind}/{g}", "adapter", (r, kind, g), deps, tier=1, cost=120, group=k))
+                    jobs.append(Job(f"{r}/adapter/{kind}/{g}", "adapter", (r, kind, g), deps, cost=120, group=k))
                 for kind in KINDS:
                     own = f"{r}/adapter/{kind}/{g}"
-                    jobs.append(Job(f"{r}/grams/{kind}/{g}", "grams", (r, kind, g), (own,), tier=2, cost=10, group=k))
+                    jobs.append(Job(f"{r}/grams/{kind}/{g}", "grams", (r, kind, g), (own,), cost=10, group=k))
                     cost = episode * (e.own_episodes + e.other_episodes * (len(cfg.all_games) - 1))
-                    jobs.append(Job(f"{r}/eval/{kind}/{g}", "evaluate", (r, f"{kind}/{g}"), (own,), tier=3, cost=cost, group=k))
+                    jobs.append(Job(f"{r}/eval/{kind}/{g}", "evaluate", (r, f"{kind}/{g}"), (own,), cost=cost, group=k))
                     inputs = tuple(f"{r}/adapter/{kk}/{gg}" for kk, gg in self.merge_order(kind, g))
                     for m in cfg.merge.methods:
                         name = f"merge/{kind}/{g}/{m}"
                         jobs.append(Job(f"{r}/{name}", "merge", (r, kind, g, m), inputs, local=True, group=k))
-                        jobs.append(Job(f"{r}/eval/{name}", "evaluate", (r, name), (f"{r}/{name}",), tier=3,
+                        jobs.append(Job(f"{r}/eval/{name}", "evaluate", (r, name), (f"{r}/{name}",),
                                         cost=episode * e.own_episodes, group=k))
                     merges = tuple(f"{r}/merge/{kind}/{g}/{m}" for m in cfg.merge.methods)
                     grams = tuple(f"{r}/grams/{kk}/{gg}" for kk, gg in self.merge_order(kind, g))
-                    jobs.append(Job(f"{r}/interference/{kind}/{g}", "interference", (r, kind, g), grams + merges,
-                                    tier=4, cost=5, local=True, group=k))
+                    jobs.append(Job(f"{r}/interference/{kind}/{g}", "interference", (r, kind, g), grams + merges, cost=5, local=True, group=k))
         return jobs
 
     def _call(self, job) -> None:

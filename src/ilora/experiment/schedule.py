@@ -2,10 +2,11 @@
 
 Stages run as soon as what they read is finished, not phase by phase: an adapter is played
 while other adapters still train, so no core waits at a phase's end for the phase's last,
-longest job (on 2 cores that idled one core for minutes per phase). Among the jobs that are
-ready, lower tiers go first (data before training before evaluation: earlier tiers unlock
-more work) and, within a tier, the costliest (longest-job-first packs the cores best). Replicates
-of a run over seeds are groups: an earlier replicate's ready jobs go before a later one's.
+longest job. Among the jobs that are ready, the one heading the costliest remaining chain
+goes first (critical path first: a replicate's chain of sequential trainings starts before
+other replicates' independent evaluations, instead of running alone at the end while a core
+idles), then an earlier replicate's (a run over seeds finishes replicates in order where it
+can), then the costliest job (longest-job-first packs the cores best).
 """
 
 from __future__ import annotations
@@ -58,11 +59,10 @@ class Job:
         method: For callers that dispatch by method name (``rl_compare``): the method that runs it.
         args: That method's arguments.
         deps: Keys of the jobs whose stages it reads.
-        tier: Among ready jobs, lower tiers start first.
-        cost: Estimated seconds: longest first within a tier, and the ETA.
+        cost: Estimated seconds: the critical paths that order ready jobs, and the ETA.
         local: Runs in the parent process (quick stages whose models the parent must hold: merges).
-        group: Among ready jobs, lower groups start first, before tiers: the replicates of a run
-            over seeds finish one after another, so an interrupted run has whole replicates.
+        group: Among ready jobs heading equally costly chains, lower groups start first (the
+            replicates of a run over seeds).
         spec: The typed stage spec it runs (:mod:`ilora.experiment.plan`).
         resources: What it holds while it runs.
     """
@@ -71,7 +71,6 @@ class Job:
     method: str = ""
     args: tuple = ()
     deps: tuple[str, ...] = ()
-    tier: int = 0
     cost: float = 1.0
     local: bool = False
     group: int = 0
@@ -105,6 +104,7 @@ class Schedule:
         self.failed: set[str] = set()
         self.done_cost = 0.0
         self._check_acyclic()
+        self.critical_path = critical_paths(self.jobs)
 
     def _check_acyclic(self) -> None:
         state: dict[str, int] = {}  # 1: on the current path, 2: finished
@@ -132,7 +132,7 @@ class Schedule:
             j for k, j in self.jobs.items()
             if k not in self.done and k not in self.running and k not in self.failed and all(d in self.done for d in j.deps)
         ]
-        return sorted(jobs, key=lambda j: (j.group, j.tier, -j.cost))
+        return sorted(jobs, key=lambda j: (-self.critical_path[j.key], j.group, -j.cost))
 
     def start(self, job: Job) -> None:
         self.running.add(job.key)
@@ -169,6 +169,32 @@ class Schedule:
         if self.done_cost <= 0 or elapsed <= 0:
             return None
         return self.remaining_cost() * elapsed / self.done_cost
+
+
+def critical_paths(jobs: dict[str, Job]) -> dict[str, float]:
+    """Each job's cost plus that of the costliest chain of jobs reading it, directly or not.
+
+    Args:
+        jobs: an acyclic job graph, by key.
+
+    Returns:
+        For every key, the least estimated time from the job's start to the end of the run
+        with unlimited workers (its "bottom level" in list scheduling).
+    """
+    readers: dict[str, list[str]] = {key: [] for key in jobs}
+    for job in jobs.values():
+        for dep in job.deps:
+            readers[dep].append(job.key)
+    paths: dict[str, float] = {}
+
+    def path(key: str) -> float:
+        if key not in paths:
+            paths[key] = jobs[key].cost + max((path(r) for r in readers[key]), default=0.0)
+        return paths[key]
+
+    for key in jobs:
+        path(key)
+    return paths
 
 
 class Executor(Protocol):
