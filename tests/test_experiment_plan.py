@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,33 @@ def test_loss_weights_reach_each_adapter_and_plain_ones_read_no_general_rows():
 def test_a_misspelled_ablation_weight_is_an_error_not_a_zero():
     with pytest.raises(IloraError, match=r"ablations.variants.typo: unknown loss weight\(s\) \['eps_nrom'\]"):
         quick("ablations.variants={typo: {eps_kl: 0.01, eps_nrom: 2.0}}")
+
+
+def adapter_cache_keys(tmp_path: Path, *overrides: str) -> dict[str, Any]:
+    """Every adapter stage's hashed settings (what ``Experiment.stage`` is given), nothing trained."""
+    from ilora.experiment.pipeline import Experiment
+
+    keys: dict[str, Any] = {}
+    experiment = Experiment(quick(f"run_dir={tmp_path}", *overrides))
+    experiment.stage = lambda name, config, fn, deps=(): keys.setdefault(name, config)
+    for spec in experiment.plan.adapters:
+        if not spec.starts_from:
+            experiment.train(spec)
+    return keys
+
+
+def test_an_adapter_stage_hashes_only_what_its_training_reads(tmp_path):
+    default = adapter_cache_keys(tmp_path)
+    assert {"train/plain/Pong", "train/joint", "train/routed/Pong"} <= set(default)
+
+    def changed(*overrides: str) -> set[str]:
+        new = adapter_cache_keys(tmp_path, *overrides)
+        return {name for name in default if new[name] != default[name]}
+
+    routed = {name for name in default if name.startswith(("train/routed/", "train/ablation/"))}
+    routed_by_config = {name for name in routed if "/routed/" in name}
+    # Plain and joint adapters read no general rows: their caches survive the routing weights and the mix.
+    assert changed("train.eps_norm=3.0") == routed_by_config  # ablation variants set their own weights
+    assert changed("train.general_share=0.25") == routed
+    assert changed("data.other_game_rows=7") == routed
+    assert changed("train.learning_rate=0.001") == set(default)

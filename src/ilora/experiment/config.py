@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from ilora.config import field
+from ilora.config import field, to_dict
 from ilora.errors import IloraError
 from ilora.experiment.tune_merge import TuneSettings
 from ilora.routing.select import SELECTION_RULES, GateConfig
@@ -29,10 +30,6 @@ class LossWeights:
     def plain(self) -> LossWeights:
         """These weights without the general rows' terms (plain LoRA)."""
         return dataclasses.replace(self, eps_kl=0.0, eps_norm=0.0)
-
-    def on_general_rows(self) -> dict[str, float]:
-        """The general rows' weights: an adapter stage's ``weights`` setting (``eps_lm`` is in ``train``)."""
-        return {"eps_kl": self.eps_kl, "eps_norm": self.eps_norm}
 
 
 @dataclasses.dataclass
@@ -80,6 +77,15 @@ class TrainSettings:
     def loss_weights(self) -> LossWeights:
         """The routed adapters' loss weights."""
         return LossWeights(self.eps_lm, self.eps_kl, self.eps_norm)
+
+    def read_by_adapter(self, routed: bool) -> dict[str, Any]:
+        """The settings one adapter's training reads (its stage's cache key, with its loss weights):
+        the loss weights and the joint adapter's step factor reach a stage through its own spec, and
+        a plain adapter reads none of the general rows' settings."""
+        skipped = {"eps_lm", "eps_kl", "eps_norm", "joint_steps_factor"}
+        if not routed:
+            skipped |= {"general_share", "match_task_rows"}
+        return {k: v for k, v in to_dict(self).items() if k not in skipped}
 
 
 @dataclasses.dataclass

@@ -169,10 +169,10 @@ class Experiment:
 
         t, d = self.cfg.train, self.cfg.data
         task_games, others, steps, routed = list(spec.task), list(spec.others), spec.steps, spec.routed
-        # The joint adapter's own step count is in "steps"; the factor behind it concerns no other stage.
-        train_settings = {k: v for k, v in to_dict(t).items() if k != "joint_steps_factor"}
-        settings = {"train": train_settings, "weights": spec.weights.on_general_rows(), "task": task_games,
+        settings = {"train": t.read_by_adapter(routed), "weights": dataclasses.asdict(spec.weights), "task": task_games,
                     "others": others, "steps": steps}
+        if routed:
+            settings["other_game_rows"] = d.other_game_rows
         for model in spec.starts_from:
             self.ensure(model)
         fold = [self.models[m].adapter for m in spec.fold]

@@ -4,8 +4,8 @@
 :class:`Plan`; the pipeline runs its specs (``Experiment.compute``) and the scheduler orders
 them by their ``deps`` (``Experiment.plan`` is there for the report to read as well). A spec's
 ``deps`` are exactly what its stage hashes (``stage.json``'s ``deps``), so they are written once,
-here; every stage's settings and deps are byte-identical to those of the runs made before the
-plan existed, so their caches stay valid.
+here; its settings are only what it reads (a plain adapter is not retrained when ``eps_norm``
+changes).
 
 Model names (and the report's): ``base``, ``plain/<game>`` (single-task LoRA), ``routed/<game>``
 (routing-tuned LoRA), ``joint`` (one LoRA on all games' data), ``merge/<method>`` (routed adapters
