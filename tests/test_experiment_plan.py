@@ -10,7 +10,7 @@ import pytest
 from ilora.config import load_yaml
 from ilora.errors import IloraError
 from ilora.experiment.config import ExperimentConfig, LossWeights
-from ilora.experiment.plan import EvalSpec, MergeSpec, build_plan
+from ilora.experiment.plan import EvalSpec, MergeSpec, build_plan, stage_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,3 +103,11 @@ def test_an_adapter_stage_hashes_only_what_its_training_reads(tmp_path):
     assert changed("train.general_share=0.25") == routed
     assert changed("data.other_game_rows=7") == routed
     assert changed("train.learning_rate=0.001") == set(default)
+
+
+def test_every_stage_is_counted_under_one_compute_kind():
+    plan = build_plan(quick())  # the quick config has every kind of stage
+    assert sorted({stage_kind(spec) for spec in plan.specs()}) == [
+        "analysis", "data", "eval", "grams", "merge", "train/ablation", "train/continual", "train/joint", "train/plain",
+        "train/refit", "train/routed", "tuned-merge"]
+    assert {spec.name: spec.family for spec in plan.adapters}["routed/Pong"] == "routed"

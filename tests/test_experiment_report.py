@@ -48,7 +48,7 @@ def fake_experiment(plays: dict[str, dict[str, dict]], references: dict[str, dic
     cfg = ExperimentConfig(games=list(references), ablations=AblationSettings(variants={}),
                            merge=MergeSettings(methods=["ilora"], iterative=False, keep_sweep=[], orders=[]))
     runner = SimpleNamespace(result=result, all_stages=lambda: [], folder=lambda name: (folder or Path("/nonexistent")) / name)
-    return SimpleNamespace(cfg=cfg, runner=runner)
+    return SimpleNamespace(cfg=cfg, runner=runner, plan=SimpleNamespace(specs=lambda: []))
 
 
 def fake_results(plays: dict[str, dict[str, dict]], references: dict[str, dict]) -> Results:

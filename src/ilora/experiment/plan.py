@@ -28,6 +28,7 @@ from ilora.errors import IloraError
 from ilora.experiment.config import ExperimentConfig, LossWeights
 
 MergeKind = Literal["oneshot", "refit", "continual", "keep", "iterative", "ablation"]
+AdapterFamily = Literal["plain", "routed", "joint", "ablation", "refit", "continual"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class AdapterSpec:
 
     Attributes:
         name: the model name (``plain/Pong``, ``routed/Pong``, ``joint``, ...).
+        family: how it is trained: ``plain`` (one game, no general rows), ``routed``, ``joint`` (every
+            game, no general rows), ``ablation`` (a loss variant), ``refit`` or ``continual``.
         task: the games whose rows get the LM loss.
         weights: the loss weights (``eps_kl = eps_norm = 0``: plain LoRA, no general rows).
         others: the other games whose rows join the general route (routed adapters only).
@@ -47,6 +50,7 @@ class AdapterSpec:
     """
 
     name: str
+    family: AdapterFamily
     task: tuple[str, ...]
     weights: LossWeights
     others: tuple[str, ...] = ()
@@ -257,6 +261,27 @@ class Plan:
         return self.model(model).stage
 
 
+def stage_kind(spec: StageSpec) -> str:
+    """What a compute summary counts ``spec``'s stage under: ``data``, ``train/<family>``, ``merge``,
+    ``tuned-merge``, ``grams``, ``eval`` (play and scoring) or ``analysis``."""
+    match spec:
+        case GameData() | GeneralData():
+            return "data"
+        case AdapterSpec():
+            return f"train/{spec.family}"
+        case MergeSpec():
+            return "merge"
+        case TunedMerge():
+            return "tuned-merge"
+        case Grams():
+            return "grams"
+        case EvalSpec() | Reference() | Selection():
+            return "eval"
+        case Activations() | Interference():
+            return "analysis"
+    raise TypeError(f"not a stage spec: {spec!r}")
+
+
 def final_merges(merges: Iterable[MergeSpec]) -> list[str]:
     """The merges of every game's routed adapter: one-shot, and the last step of each iterative order."""
     return [m.name for m in merges if m.kind == "oneshot" or (m.kind == "iterative" and not m.intermediate)]
@@ -282,27 +307,27 @@ def adapter_specs(cfg: ExperimentConfig) -> list[AdapterSpec]:
     plain, routed = t.loss_weights.plain(), t.loss_weights
     factor = len(games) if t.joint_steps_factor is None else t.joint_steps_factor
 
-    def spec(name: str, task: tuple[str, ...], weights: LossWeights, **kwargs) -> AdapterSpec:
+    def spec(family: AdapterFamily, name: str, task: tuple[str, ...], weights: LossWeights, **kwargs) -> AdapterSpec:
         others = tuple(g for g in games if g not in task) if weights.routed else ()
         deps = ["base", *[f"data/{g}" for g in task + others], *(["data/general"] if weights.routed else [])]
         starts_from = [*kwargs.get("fold", ()), *([kwargs["init"]] if kwargs.get("init") else [])]
         deps += [f"train/{m}" for m in starts_from]  # only adapters are folded or continued
-        return AdapterSpec(name, task, weights, others, deps=tuple(deps), **kwargs)
+        return AdapterSpec(name, family, task, weights, others, deps=tuple(deps), **kwargs)
 
-    specs = [spec("joint", games, plain, steps=int(t.max_steps * factor))] if cfg.adapters.joint else []
-    specs += [spec(f"plain/{g}", (g,), plain) for g in games]
-    specs += [spec(f"routed/{g}", (g,), routed) for g in cfg.routed_games()]
+    specs = [spec("joint", "joint", games, plain, steps=int(t.max_steps * factor))] if cfg.adapters.joint else []
+    specs += [spec("plain", f"plain/{g}", (g,), plain) for g in games]
+    specs += [spec("routed", f"routed/{g}", (g,), routed) for g in cfg.routed_games()]
     for variant, weights in cfg.ablations.loss_weights(t).items():
-        specs += [spec(f"ablation/{variant}/{g}", (g,), weights) for g in cfg.ablations.games]
+        specs += [spec("ablation", f"ablation/{variant}/{g}", (g,), weights) for g in cfg.ablations.games]
     if cfg.refit.enabled:
         specs += [
-            spec(f"refit/{g}", (g,), routed, fold=tuple(f"routed/{o}" for o in games if o != g), init=f"routed/{g}",
+            spec("refit", f"refit/{g}", (g,), routed, fold=tuple(f"routed/{o}" for o in games if o != g), init=f"routed/{g}",
                  steps_share=cfg.refit.steps_share)
             for g in games
         ]
     if cfg.continual.enabled:
         continual = continual_adapters(cfg)
-        specs += [spec(continual[k], (g,), routed, fold=tuple(continual[:k])) for k, g in enumerate(games) if k > 0]
+        specs += [spec("continual", continual[k], (g,), routed, fold=tuple(continual[:k])) for k, g in enumerate(games) if k > 0]
     return specs
 
 

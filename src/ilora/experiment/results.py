@@ -18,7 +18,7 @@ import numpy as np
 
 from ilora.experiment import stats
 from ilora.experiment.config import ExperimentConfig
-from ilora.experiment.pipeline import iterative_name
+from ilora.experiment.plan import iterative_name, stage_kind
 
 BOOTSTRAP = 2000
 NEAR_RANDOM = 0.25  # a single-task CI this close to random (share of the expert-random gap) makes retention noisy
@@ -120,17 +120,14 @@ def score_interval(summary: dict | None) -> stats.Interval | None:
 
 
 def stage_minutes(experiment) -> dict[str, float]:
-    """Minutes of each stage's own run time (its first computation), summed by the kind of stage:
-    data, training of plain / routed / joint / ablation adapters, grams, merge, eval, analysis."""
+    """Minutes of each stage's own run time (its first computation), summed by the kind of stage
+    (:func:`ilora.experiment.plan.stage_kind`; the base model's copy under ``base``)."""
     totals: dict[str, float] = {}
-    for stage in experiment.runner.all_stages():
+    kinds = [("base", "base"), *((stage_kind(spec), spec.stage) for spec in experiment.plan.specs())]
+    for kind, stage in kinds:
         record = experiment.runner.folder(stage) / "stage.json"
-        if not record.is_file():
-            continue
-        parts = stage.split("/")
-        kind = "/".join(parts[:2]) if parts[0] == "train" else parts[0].split("-")[0]
-        kind = {"keep": "merge", "iter": "merge", "ablation": "merge"}.get(kind, kind)
-        totals[kind] = totals.get(kind, 0.0) + json.loads(record.read_text())["seconds"] / 60
+        if record.is_file():
+            totals[kind] = totals.get(kind, 0.0) + json.loads(record.read_text())["seconds"] / 60
     return totals
 
 
