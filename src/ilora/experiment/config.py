@@ -8,6 +8,7 @@ from typing import Any
 from ilora.config import field, to_dict
 from ilora.errors import IloraError
 from ilora.experiment.tune_merge import TuneSettings
+from ilora.merge.ilora import ILoRAMerge
 from ilora.routing.select import SELECTION_RULES, GateConfig
 
 DEFAULT_GAMES = ["Pong", "Breakout", "Freeway", "Boxing"]
@@ -141,7 +142,7 @@ class MergeSettings:
         default_factory=lambda: ["ilora", "magmax", "task_arithmetic", "ties", "dare_ties", "pcb", "peft:linear", "peft:svd", "peft:ties", "peft:cat"],
         help="registry names merged all at once (ilora.merge.available_methods())",
     )
-    keep: float = field(0.8, help="I-LoRA keep ratio of singular values")
+    keep: float = field(ILoRAMerge.keep, help="I-LoRA keep ratio of singular values")
     iterative: bool = field(True, help="also merge one game at a time with I-LoRA (Table 5)")
     iterative_methods: list[str] = field(
         default_factory=list,

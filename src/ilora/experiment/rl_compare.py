@@ -38,6 +38,7 @@ from typing import Any
 
 from ilora.config import field
 from ilora.errors import IloraError
+from ilora.merge.ilora import ILoRAMerge
 from ilora.rl.config import GRPOSettings
 
 KINDS = ("clone", "rl-base", "rl-clone")  # the compared adapters of each game
@@ -75,7 +76,7 @@ class CompareMerge:
 
     methods: list[str] = field(default_factory=lambda: ["sum", "ilora"], help="registry merge methods (no "
                                "data-aware ones: the Grams here are on task rows only)")
-    keep: float = field(0.8, help="I-LoRA keep ratio (the experiment's)")
+    keep: float = field(ILoRAMerge.keep, help="I-LoRA keep ratio")
 
 
 @dataclasses.dataclass
