@@ -142,3 +142,38 @@ def test_siblings_of_one_layer_may_not_import_each_other():
     assert layer_violations({"atari": {"general", "models"}}) == [
         "atari -> general: general is not in a lower layer than atari"
     ]
+
+
+def readme_layout() -> dict[str, str]:
+    """The README's Layout block: for ``""`` (the package's top level) and each subpackage, its text."""
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    sections: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("src/ilora/"):
+            current, line = "", stripped.removeprefix("src/ilora/")
+        elif line.startswith("      ") and not line.startswith("        ") and stripped.split(" ")[0].endswith("/"):
+            current, line = stripped.split(" ")[0].rstrip("/"), stripped.split(" ", 1)[1]
+        elif line.startswith("      cli.py"):  # the top-level line after the subpackages
+            current = ""
+        elif not line.startswith("                  "):
+            current = None
+        if current is not None:
+            sections[current] = sections.get(current, "") + " " + line
+    return sections
+
+
+def test_the_readme_layout_names_every_module_under_its_package():
+    layout = readme_layout()
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if path.name == "__init__.py" or "assets" in relative.parts:
+            continue
+        package = "/".join(relative.parts[:-1])
+        if f" {path.name}" not in layout.get(package, ""):
+            missing.append(str(relative))
+    assert not missing, f"README Layout does not name {missing}"
+    assert set(layout) - {""} == {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file() and p.name != "assets"}
