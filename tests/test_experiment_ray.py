@@ -13,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from ilora.experiment.ray_runner import RayExecutor  # noqa: E402
-from ilora.experiment.schedule import Job, Schedule, run_jobs  # noqa: E402
+from ilora.experiment.schedule import Job, Resources, Schedule, run_jobs  # noqa: E402
 from ilora.experiment.stages import RECORD, StageRunner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,14 @@ class StageHost:
 
     def log_path(self, job: Job) -> Path:
         return self.run_dir / "logs" / job.key
+
+
+def niceness() -> int:
+    return os.nice(0)
+
+
+def test_stages_run_at_the_drivers_priority_not_rays_default_nice_15(local_ray):
+    assert local_ray.result(local_ray.submit(niceness, (), Resources())) == os.nice(0)
 
 
 def test_a_killed_worker_is_retried_and_a_failing_stage_blocks_only_its_readers(local_ray, tmp_path):

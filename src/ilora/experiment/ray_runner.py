@@ -44,7 +44,9 @@ class RayExecutor:
             if address:
                 ray.init(address=address, **options)
             else:
-                ray.init(num_cpus=num_cpus, **options)
+                # Ray starts task workers at nice 15 (to keep a driver responsive); here a stage is the work
+                # itself, and at nice 15 it starves behind any other process on the machine.
+                ray.init(num_cpus=num_cpus, _system_config={"worker_niceness": 0}, **options)
 
     def submit(self, fn: Callable[..., Any], args: tuple, resources: Resources) -> Any:
         """Start ``fn(*args)`` as a task holding ``resources``; returns its object reference."""
