@@ -91,6 +91,9 @@ def tiny_settings(source: Path, run_dir: Path, *extra: str) -> list[str]:
         ("from_clone={lr: 0.1}", "from_clone: ['lr'] are not GRPO settings"),
         ("from_clone={frames: 10}", "from_clone: ['frames'] are not GRPO settings"),
         ("from_clone={learning_rate: -1}", "learning_rate = -1.0"),
+        ("per_game={Pong: {horizon: 4}}", "per_game: ['Pong'] are not compared games"),
+        ("per_game={Boxing: {frames: 4}}", "per_game.Boxing: ['frames'] are not GRPO settings"),
+        ("per_game={Boxing: {horizon: 0}}", "horizon"),
         ("merge.methods=[regmean]", "needs general Grams"),
         ("merge.methods=[nope]", "unknown merge method"),
         ("eval.own_episodes=0", "eval.own_episodes = 0"),
@@ -122,9 +125,16 @@ def test_source_missing_a_stage_is_refused_in_one_line(source, tmp_path, capsys)
 def test_the_shipped_config_loads_and_names_its_games():
     cfg = load_config(CONFIG)
     assert cfg.games == ["Boxing", "Breakout"] and set(cfg.games) <= set(cfg.all_games)
-    assert cfg.rl_settings("rl-clone", 100, 1).frames == 100
+    assert cfg.rl_settings("rl-clone", "Boxing", 100, 1).frames == 100
     for key, value in cfg.from_clone.items():
-        assert getattr(cfg.rl_settings("rl-clone"), key) == value
+        assert getattr(cfg.rl_settings("rl-clone", "Boxing"), key) == value
+
+
+def test_per_game_settings_apply_to_that_games_runs_and_from_clone_goes_last():
+    cfg = load_config(CONFIG, ["per_game={Breakout: {horizon: 32, beta: 0.5}}", "from_clone={beta: 0.3}"])
+    assert cfg.rl_settings("rl-base", "Breakout").horizon == 32 and cfg.rl_settings("rl-base", "Breakout").beta == 0.5
+    assert cfg.rl_settings("rl-clone", "Breakout").horizon == 32 and cfg.rl_settings("rl-clone", "Breakout").beta == 0.3
+    assert cfg.rl_settings("rl-base", "Boxing").horizon == cfg.rl.horizon
 
 
 # ------------------------------------------------------------------- caching

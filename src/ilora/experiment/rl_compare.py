@@ -102,6 +102,8 @@ class RLCompareConfig:
                       "folder's name: distinct per replicate, and adding a source redoes none of the others' stages")
     rl: GRPOSettings = field(default_factory=GRPOSettings, help="GRPO settings of both RL runs (frames and seed "
                              "are set by the comparison)")
+    per_game: dict[str, dict[str, Any]] = field(default_factory=dict, help="GRPO settings that differ for one game's "
+                                                "RL runs, e.g. {Breakout: {horizon: 32}}")
     from_clone: dict[str, Any] = field(default_factory=dict, help="GRPO settings that differ for RL from the clone, "
                                        "e.g. {learning_rate: 0.0002}")
     merge: CompareMerge = field(default_factory=CompareMerge, help="merging with the other games' routed adapters")
@@ -145,10 +147,17 @@ class RLCompareConfig:
             if getattr(self.rl, name) != getattr(default, name):
                 raise IloraError(f"rl.{name}: set by the comparison (frames: top-level frames; seed: top-level seed)")
         allowed = {f.name for f in dataclasses.fields(GRPOSettings)} - set(SET_BY_COMPARISON)
-        bad = sorted(set(self.from_clone) - allowed)
-        if bad:
-            raise IloraError(f"from_clone: {bad} are not GRPO settings it may change (frames and seed are the comparison's)")
-        self.rl_settings("rl-clone")  # the overrides must make valid settings
+        overrides = {"from_clone": self.from_clone, **{f"per_game.{g}": o for g, o in self.per_game.items()}}
+        for key, settings in overrides.items():
+            bad = sorted(set(settings) - allowed)
+            if bad:
+                raise IloraError(f"{key}: {bad} are not GRPO settings it may change (frames and seed are the comparison's)")
+        unknown = sorted(set(self.per_game) - set(self.games))
+        if unknown:
+            raise IloraError(f"per_game: {unknown} are not compared games {self.games}")
+        for game in self.games:
+            for kind in ("rl-base", "rl-clone"):
+                self.rl_settings(kind, game)  # the overrides must make valid settings
         if self.workers < 1 or self.threads < 0:
             raise IloraError(f"workers = {self.workers}, threads = {self.threads}: need workers >= 1, threads >= 0")
         from ilora.merge.registry import method_class
@@ -161,12 +170,19 @@ class RLCompareConfig:
         if not 0 < self.merge.keep <= 1:
             raise IloraError(f"merge.keep = {self.merge.keep}: must be in (0, 1]")
 
-    def rl_settings(self, kind: str, frames: int = 1, seed: int = 0) -> GRPOSettings:
-        """The GRPO settings of an RL run (``kind``: ``rl-base`` or ``rl-clone``)."""
+    def rl_settings(self, kind: str, game: str, frames: int = 1, seed: int = 0) -> GRPOSettings:
+        """The GRPO settings of an RL run on ``game`` (``kind``: ``rl-base`` or ``rl-clone``): ``rl``, then
+        the game's ``per_game``, then ``from_clone`` for RL from the clone."""
         from ilora.config import from_dict, to_dict
 
-        data = {**to_dict(self.rl), **(self.from_clone if kind == "rl-clone" else {}), "frames": frames, "seed": seed}
-        return from_dict(GRPOSettings, data, "from_clone" if kind == "rl-clone" else "rl")
+        data = {**to_dict(self.rl), **self.per_game.get(game, {}), **(self.from_clone if kind == "rl-clone" else {}),
+                "frames": frames, "seed": seed}
+        where = "rl"  # the key an invalid value is reported under: the last layer that set values
+        if game in self.per_game:
+            where = f"per_game.{game}"
+        if kind == "rl-clone" and self.from_clone:
+            where = "from_clone"
+        return from_dict(GRPOSettings, data, where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +324,7 @@ class RLCompare:
         if source is not None:
             settings["source"][source] = source_fingerprint(rep, source)
         else:
-            rl = cfg.rl_settings(kind, self.expert_frames(rep, game), rep.seed)
+            rl = cfg.rl_settings(kind, game, self.expert_frames(rep, game), rep.seed)
             settings["rl"] = dataclasses.asdict(rl)
             if kind == "rl-clone":
                 deps.append(f"{rep.name}/adapter/clone/{game}")
@@ -617,7 +633,7 @@ def build_summary(x: RLCompare) -> dict[str, Any]:
         "sources": [str(rep.source) for rep in reps], "cloned": cfg.cloned, "methods": cfg.merge.methods,
         "episodes": {"own": cfg.eval.own_episodes, "other": cfg.eval.other_episodes, "max_frames": cfg.eval.max_frames},
         "frames": {rep.name: {g: x.expert_frames(rep, g) for g in cfg.games} for rep in reps},
-        "rl": {"settings": dataclasses.asdict(cfg.rl), "from_clone": cfg.from_clone},
+        "rl": {"settings": dataclasses.asdict(cfg.rl), "per_game": cfg.per_game, "from_clone": cfg.from_clone},
         "notes": cfg.notes, "own": {}, "damage": {}, "general": {}, "merge": {}, "claim": {}, "training": {},
     }
     base_general = general("eval/base")
@@ -860,10 +876,16 @@ def render_report(summary: dict[str, Any]) -> str:
                          f"{t['kl_first']:.3f} -> {t['kl_last']:.3f}",
                          f"{t['informative_groups_first']:.2f} -> {t['informative_groups_last']:.2f}"])
     s, fc = summary["rl"]["settings"], summary["rl"]["from_clone"]
+    per_game = summary["rl"].get("per_game", {})
+
+    def listed(settings: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in settings.items())
+
     md += ["## 6. The RL runs", "",
            f"Settings: groups {s['groups']} x group size {s['group_size']} x horizon {s['horizon']}, learning rate "
            f"{s['learning_rate']:g}, epochs {s['epochs']}, beta {s['beta']:g}, temperature {s['temperature']:g}"
-           + (f"; from the clone: {', '.join(f'{k} {v}' for k, v in fc.items())}" if fc else "")
+           + "".join(f"; {game}: {listed(o)}" for game, o in per_game.items())
+           + (f"; from the clone: {listed(fc)}" if fc else "")
            + ". Per run, the mean over its first and last quarter of updates of the continuations' return, the policy's "
            "entropy (nats), its KL to the start weights and the share of groups whose returns differ.", "",
            table(["run", "replicate", "updates", "frames", "seconds", "return", "entropy", "KL to start", "informative groups"],
