@@ -91,7 +91,7 @@ def tiny_settings(source: Path, run_dir: Path, *extra: str) -> list[str]:
         ("from_clone={lr: 0.1}", "from_clone: ['lr'] are not GRPO settings"),
         ("from_clone={frames: 10}", "from_clone: ['frames'] are not GRPO settings"),
         ("from_clone={learning_rate: -1}", "learning_rate = -1.0"),
-        ("per_game={Pong: {horizon: 4}}", "per_game: ['Pong'] are not compared games"),
+        ("per_game={Seaquest: {horizon: 4}}", "per_game: ['Seaquest'] are not among all_games"),
         ("per_game={Boxing: {frames: 4}}", "per_game.Boxing: ['frames'] are not GRPO settings"),
         ("per_game={Boxing: {horizon: 0}}", "horizon"),
         ("merge.methods=[regmean]", "needs general Grams"),

@@ -103,7 +103,7 @@ class RLCompareConfig:
     rl: GRPOSettings = field(default_factory=GRPOSettings, help="GRPO settings of both RL runs (frames and seed "
                              "are set by the comparison)")
     per_game: dict[str, dict[str, Any]] = field(default_factory=dict, help="GRPO settings that differ for one game's "
-                                                "RL runs, e.g. {Breakout: {horizon: 32}}")
+                                                "RL runs, e.g. {Breakout: {horizon: 32}} (used when it is compared)")
     from_clone: dict[str, Any] = field(default_factory=dict, help="GRPO settings that differ for RL from the clone, "
                                        "e.g. {learning_rate: 0.0002}")
     merge: CompareMerge = field(default_factory=CompareMerge, help="merging with the other games' routed adapters")
@@ -152,10 +152,10 @@ class RLCompareConfig:
             bad = sorted(set(settings) - allowed)
             if bad:
                 raise IloraError(f"{key}: {bad} are not GRPO settings it may change (frames and seed are the comparison's)")
-        unknown = sorted(set(self.per_game) - set(self.games))
+        unknown = sorted(set(self.per_game) - set(self.all_games))  # a game not compared (games narrowed) is fine
         if unknown:
-            raise IloraError(f"per_game: {unknown} are not compared games {self.games}")
-        for game in self.games:
+            raise IloraError(f"per_game: {unknown} are not among all_games {self.all_games}")
+        for game in [*self.games, *self.per_game]:
             for kind in ("rl-base", "rl-clone"):
                 self.rl_settings(kind, game)  # the overrides must make valid settings
         if self.workers < 1 or self.threads < 0:
