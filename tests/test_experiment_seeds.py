@@ -91,7 +91,7 @@ def test_quick_config_over_two_seeds_reports_per_seed_and_averaged_cells(tmp_pat
 
 SLIM = ["adapters.routed=false", "adapters.joint=false", "merge.methods=[]", "merge.iterative=false",
         "merge.keep_sweep=[]", "merge.orders=[]", "ablations.games=[]", "ablations.variants={}",
-        "refit.steps_share=0"]
+        "refit.steps_share=0", "selection.rules=[]", "tuned_merge.enabled=false"]
 
 
 def test_without_routed_adapters_the_settings_that_read_them_are_refused():
